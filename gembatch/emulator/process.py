@@ -1,0 +1,154 @@
+"""An emulator in its own process, for tests and benchmarks (and users' own test suites).
+
+Why: reliability claims only mean something against a real server process that can be
+killed and restarted on the same port with the same state; this wraps that, plus the
+introspection calls (`stats`, `set_config`, `reset`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gembatch.emulator.server import READY_PREFIX
+
+DEFAULT_TEST_KEY = "emulator-test-key"
+
+
+class EmulatorProcess:
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        env: Mapping[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
+        self._tmp = None
+        if state_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="gembatch-emulator-")
+            state_dir = self._tmp.name
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.state_dir / "test-config.json"
+        self.config_path.write_text(json.dumps(dict(config or {})))
+        self.host = host
+        self.port = port
+        self.env = dict(env or {})
+        self.log_path = Path(log_path) if log_path else self.state_dir / "emulator.log"
+        self.api_key = DEFAULT_TEST_KEY
+        self.proc: subprocess.Popen[str] | None = None
+        self._log_thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> EmulatorProcess:
+        cmd = [
+            sys.executable, "-m", "gembatch", "emulator",
+            "--host", self.host, "--port", str(self.port),
+            "--state-dir", str(self.state_dir), "--config", str(self.config_path),
+        ]  # fmt: skip
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        deadline = time.monotonic() + timeout
+        log = open(self.log_path, "a")  # noqa: SIM115 - closed by the reader thread
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                log.close()
+                raise RuntimeError(f"emulator exited before it was ready; see {self.log_path}")
+            log.write(line)
+            log.flush()
+            if line.startswith(READY_PREFIX):
+                url = line[len(READY_PREFIX) :].split()[0]
+                self.port = int(url.rsplit(":", 1)[1])
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"emulator not ready after {timeout} s; see {self.log_path}")
+        self._log_thread = threading.Thread(
+            target=_drain, args=(self.proc.stdout, log), daemon=True
+        )
+        self._log_thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or clean up."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> EmulatorProcess:
+        """Stop (if running) and start again on the same port with the same state."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> EmulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- introspection -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()
+
+    def set_config(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        response = httpx.post(f"{self.base_url}/_emulator/config", json=dict(overrides), timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.base_url}/_emulator/reset", timeout=30).raise_for_status()
+
+    def client_env(self) -> dict[str, str]:
+        """Environment that points gembatch and the google-genai SDK at this emulator."""
+        return {"GOOGLE_GEMINI_BASE_URL": self.base_url, "GEMINI_API_KEY": self.api_key}
+
+    def sdk_client(self, api_version: str | None = None) -> Any:
+        from google import genai
+        from google.genai import types
+
+        return genai.Client(
+            api_key=self.api_key,
+            http_options=types.HttpOptions(base_url=self.base_url, api_version=api_version),
+        )
+
+
+def _drain(stream: Any, log: Any) -> None:
+    try:
+        for line in stream:
+            log.write(line)
+            log.flush()
+    finally:
+        log.close()

@@ -1,0 +1,1 @@
+"""Everything that talks to Gemini (or the emulator) goes through this package."""
