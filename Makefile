@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Most tests wait on real processes (emulator, gembatch); four at a time fit 2 cores.
+PYTEST_ARGS ?= -n 4
 
 .PHONY: test demo lint format bench clean
 

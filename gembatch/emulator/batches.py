@@ -5,12 +5,16 @@ request counts that move while it runs, survive an emulator restart, and end wit
 output line per input request in a shuffled order, as Google's do. State is derived from
 timestamps stored at create, so nothing needs a timer to stay correct; a worker thread
 generates the output once the batch starts running, and the first observer after the
-clock's end publishes it.
+clock's end publishes it. The sweeper (`tick`) visits a batch only at the instants its
+clock changes (a heap of due times), so 100,000 pending batches cost it nothing.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
+import heapq
 import json
 import os
 import random
@@ -19,12 +23,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gembatch.emulator.faults import FaultInjector
-from gembatch.emulator.responders import Reply, Responder
+from gembatch.emulator.responders import Reply, Responder, fail_first
 from gembatch.emulator.store import BatchRow, FileRow, Store
 from gembatch.emulator.wire import (
     file_permission_denied,
@@ -37,6 +41,8 @@ from gembatch.emulator.wire import (
 )
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+# A polled batch shows the same few instants again and again: format each once.
+_timestamp = functools.lru_cache(maxsize=1 << 16)(timestamp)
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
 _INLINE_ITEM_FIELDS = {"request", "metadata"}
@@ -58,6 +64,7 @@ class ParsedInput:
     request_count: int
     failing: list[int]
     estimated_tokens: int
+    forced: list[int] = field(default_factory=list)
 
 
 class Settings:
@@ -107,6 +114,11 @@ class BatchEngine:
         self._generating: dict[str, threading.Event] = {}  # batch id -> stop flag
         self._progress: dict[str, tuple[int, int]] = {}  # batch id -> (done, failed)
         self._orders: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
+        # batch id -> sorted output positions of its error lines (fixed at create).
+        self._failing: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
+        # (when, batch id): instants at which `tick` must look at a batch; None until the
+        # first tick loads every unfinished batch.
+        self._due: list[tuple[float, str]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-gen")
 
     def close(self) -> None:
@@ -177,24 +189,34 @@ class BatchEngine:
                 output_file=None,
                 generated_successes=None,
                 generated_failures=None,
+                forced=json.dumps(parsed.forced),
             )
             self.store.insert_batch(row)
         except BaseException:
             self.store.batch_input_path(batch_id).unlink(missing_ok=True)
             raise
         self.store.incr(f"create:{display_name or ''}")
+        self._wake(batch_id, now)
         return row
 
     def _check_quota(self, model: str, tokens: int, settings: Settings) -> None:
-        active = [b for b in self.store.unfinished_batches() if not self._is_done(b)]
-        if len(active) >= settings.max_active:
-            raise resource_exhausted(
-                f"Too many concurrent batch jobs: at most {settings.max_active} may be "
-                "pending or running at once.",
-                retry_after=5.0,
-            )
+        # Batches without a final state bound the active ones from above (a few may have
+        # ended on the clock, not yet published): only near a limit is the exact count, a
+        # look at each of them, needed. Otherwise a create would cost O(active batches).
+        if self.store.count_unfinished() >= settings.max_active:
+            unfinished = self.store.unfinished_batches()
+            active = sum(1 for b in unfinished if not self._is_done(b))
+            if active >= settings.max_active:
+                raise resource_exhausted(
+                    f"Too many concurrent batch jobs: at most {settings.max_active} may be "
+                    "pending or running at once.",
+                    retry_after=5.0,
+                )
         if settings.max_enqueued_tokens is not None:
-            enqueued = sum(b.estimated_tokens for b in active if b.model == model) + tokens
+            same_model = [b for b in self.store.unfinished_batches() if b.model == model]
+            if sum(b.estimated_tokens for b in same_model) + tokens <= settings.max_enqueued_tokens:
+                return
+            enqueued = sum(b.estimated_tokens for b in same_model if not self._is_done(b)) + tokens
             if enqueued > settings.max_enqueued_tokens:
                 raise resource_exhausted(
                     f"Enqueued token limit exceeded for {model}: {enqueued} tokens would be "
@@ -229,6 +251,7 @@ class BatchEngine:
         responder = self._responder()
         count = 0
         failing: list[int] = []
+        forced: list[int] = []
         tokens = 0
         with open(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -256,13 +279,23 @@ class BatchEngine:
                 request = line.get("request")
                 if request is None or responder.predict_error(request):
                     failing.append(count)
+                elif self._flaky_fails(request):
+                    forced.append(count)
                 tokens += max(1, len(raw) // 4)
                 count += 1
         if count == 0:
             raise invalid_argument(
                 f"Input file {file_name} contains no requests.", "batch.input_config.file_name"
             )
-        return ParsedInput(count, failing, tokens)
+        return ParsedInput(count, failing, tokens, forced)
+
+    def _flaky_fails(self, request: Any) -> bool:
+        """`[[emulator:fail-first=N]]`: fail in the first N batches holding this request."""
+        times = fail_first(request)
+        if times is None:
+            return False
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        return self.store.incr(f"flaky:{digest[:24]}") <= times
 
     def _parse_inline(self, requests: Any, batch_id: str, settings: Settings) -> ParsedInput:
         items = get_field(requests, "requests") if isinstance(requests, dict) else None
@@ -279,7 +312,8 @@ class BatchEngine:
                 "batch.input_config.requests",
             )
         responder = self._responder()
-        failing = []
+        failing: list[int] = []
+        forced: list[int] = []
         for index, item in enumerate(items):
             where = f"batch.input_config.requests.requests[{index}]"
             if not isinstance(item, dict):
@@ -297,8 +331,10 @@ class BatchEngine:
             request = item.get("request")
             if request is None or responder.predict_error(request):
                 failing.append(index)
+            elif self._flaky_fails(request):
+                forced.append(index)
         self.store.batch_input_path(batch_id).write_bytes(encoded)
-        return ParsedInput(len(items), failing, max(1, len(encoded) // 4))
+        return ParsedInput(len(items), failing, max(1, len(encoded) // 4), forced)
 
     # -- state -------------------------------------------------------------------------
     def view(self, row: BatchRow, now: float, publish: bool = True) -> View:
@@ -391,12 +427,25 @@ class BatchEngine:
         return order
 
     def _failing_positions(self, row: BatchRow) -> list[int]:
+        """Output positions of the error lines, sorted (cached: polls ask all the time)."""
+        key = (row.id, row.request_count)
+        with self._lock:
+            cached = self._failing.get(key)
+            if cached is not None:
+                self._failing.move_to_end(key)
+                return cached
         failing = row.failing_indices()
-        if not failing:
-            return []
-        order = self._order(row)
-        position = {index: pos for pos, index in enumerate(order)}
-        return sorted(position[i] for i in failing)
+        if failing:
+            order = self._order(row)
+            position = {index: pos for pos, index in enumerate(order)}
+            positions = sorted(position[i] for i in failing)
+        else:
+            positions = []
+        with self._lock:
+            self._failing[key] = positions
+            while len(self._failing) > 100_000:
+                self._failing.popitem(last=False)
+        return positions
 
     # -- cancel / delete ---------------------------------------------------------------
     def cancel(self, row: BatchRow) -> None:
@@ -414,6 +463,8 @@ class BatchEngine:
         self.store.delete_batch(row.id)
         self._discard_work(row.id)
         self.store.inline_output_path(row.id).unlink(missing_ok=True)
+        with self._lock:
+            self._failing.pop((row.id, row.request_count), None)
 
     def _stop_generation(self, batch_id: str) -> None:
         with self._lock:
@@ -434,9 +485,20 @@ class BatchEngine:
 
     # -- generation --------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
-        """Start output generation for batches that are running; publish finished ones."""
+        """Start output generation for batches that are running; publish finished ones.
+        Looks only at the batches whose clock has reached one of its instants."""
         now = time.time() if now is None else now
-        for row in self.store.unfinished_batches():
+        with self._lock:
+            if self._due is None:
+                self._due = [(now, row.id) for row in self.store.unfinished_batches()]
+                heapq.heapify(self._due)
+            ready: dict[str, None] = {}
+            while self._due and self._due[0][0] <= now:
+                ready[heapq.heappop(self._due)[1]] = None
+        for batch_id in ready:
+            row = self.store.unfinished_batch(batch_id)
+            if row is None:
+                continue  # finished, cancelled or deleted meanwhile
             view = self.view(row, now)
             if view.state in TERMINAL:
                 continue
@@ -448,6 +510,13 @@ class BatchEngine:
                 and row.cancel_time is None
             ):
                 self._start_generation(row)
+            self._wake(batch_id, _next_instant(row, now))
+
+    def _wake(self, batch_id: str, when: float) -> None:
+        """Have `tick` look at this batch at `when`."""
+        with self._lock:
+            if self._due is not None:
+                heapq.heappush(self._due, (when, batch_id))
 
     def _start_generation(self, row: BatchRow) -> None:
         with self._lock:
@@ -469,6 +538,8 @@ class BatchEngine:
         finally:
             with self._lock:
                 self._generating.pop(row.id, None)
+            # Publish (or, after an error, start again) soon, not at a clock instant.
+            self._wake(row.id, time.time() + 0.1)
 
     def _generate(self, row: BatchRow, stop: threading.Event) -> None:
         settings = self._settings()
@@ -488,10 +559,14 @@ class BatchEngine:
             rng.random()  # keep the key-order choices of a resumed run identical
         with open(self.store.batch_input_path(row.id), "rb") as source, open(partial, "ab") as out:
             fd = source.fileno()
+            forced = set(row.forced_indices())
 
             def work(position: int) -> tuple[str | None, Reply]:
                 offset, length = spans[order[position]]
-                return _answer_line(os.pread(fd, length, offset), row.model, responder)
+                raw = os.pread(fd, length, offset)
+                if order[position] in forced:
+                    return _key_of(raw), Reply(error=dict(_FLAKY_ERROR))
+                return _answer_line(raw, row.model, responder)
 
             for position, (key, reply) in _ordered_map(
                 work, range(start, len(order)), settings.concurrency, stop
@@ -522,8 +597,12 @@ class BatchEngine:
         results: list[dict[str, Any]] = []
         failed = 0
 
+        forced = set(row.forced_indices())
+
         def work(position: int) -> tuple[dict[str, Any], Reply]:
             item = items[order[position]]
+            if order[position] in forced:
+                return item, Reply(error=dict(_FLAKY_ERROR))
             request = item.get("request")
             if request is None:
                 return item, Reply(error={"code": 3, "message": "request is required."})
@@ -596,23 +675,23 @@ class BatchEngine:
             row = fresh or row
         name = f"batches/{row.id}"
         stats = {"requestCount": int64(row.request_count)}
-        for field, value in (
+        for stat, value in (
             ("successfulRequestCount", view.succeeded),
             ("failedRequestCount", view.failed),
             ("pendingRequestCount", view.pending),
         ):
             if value:  # proto3 JSON omits zeros
-                stats[field] = int64(value)
+                stats[stat] = int64(value)
         metadata: dict[str, Any] = {"@type": BATCH_TYPE, "model": row.model}
         if row.display_name is not None:
             metadata["displayName"] = row.display_name
         if row.source_kind == "file":
             metadata["inputConfig"] = {"fileName": row.input_file}
         update_time = max(row.update_time, _transition_time(row, view, now))
-        metadata["createTime"] = timestamp(row.create_time)
+        metadata["createTime"] = _timestamp(row.create_time)
         if view.end_time is not None:
-            metadata["endTime"] = timestamp(view.end_time)
-        metadata["updateTime"] = timestamp(update_time)
+            metadata["endTime"] = _timestamp(view.end_time)
+        metadata["updateTime"] = _timestamp(update_time)
         metadata["batchStats"] = stats
         metadata["state"] = f"BATCH_STATE_{view.state}"
         metadata["name"] = name
@@ -637,6 +716,18 @@ class BatchEngine:
         if not path.exists():
             return None
         return {"inlinedResponses": {"inlinedResponses": json.loads(path.read_bytes())}}
+
+
+def _next_instant(row: BatchRow, now: float) -> float:
+    """The next instant after `now` at which the batch's clock changes its state; while it
+    waits for its output (the clock has run out), soon, until the output is published."""
+    pending_end = row.create_time + row.pending_s
+    later = [
+        t
+        for t in (pending_end, pending_end + row.running_s, row.create_time + row.expire_s)
+        if t > now
+    ]
+    return min(later) if later else now + 0.1
 
 
 def _transition_time(row: BatchRow, view: View, now: float) -> float:
@@ -682,6 +773,14 @@ def _count_errors(path: Path) -> int:
             if b'"error"' in raw and "error" in json.loads(raw):
                 count += 1
     return count
+
+
+_FLAKY_ERROR = {"code": 13, "message": "Internal error encountered."}
+
+
+def _key_of(raw: bytes) -> str | None:
+    key = json.loads(raw).get("key")
+    return key if isinstance(key, str) or key is None else json.dumps(key)
 
 
 def _answer_line(raw: bytes, model: str, responder: Responder) -> tuple[str | None, Reply]:

@@ -98,6 +98,9 @@ class FaultRule:
     rate: float = 1.0  # probability for each matching call (deterministic under the seed)
     first: int | None = None  # only the first N matching calls
     latency_ms: float = 0.0
+    # Delay AFTER the call did its work, before answering: with a client timeout or a
+    # killed client this is "the create succeeded but the reply was lost".
+    latency_after_ms: float = 0.0
     retry_after_seconds: float | None = None  # sent with 429 (default 1 s)
     message: str | None = None
 

@@ -26,6 +26,7 @@ def uniform(seed: int, tag: str, n: int) -> float:
 class Decision:
     latency_seconds: float = 0.0
     error: ApiError | None = None
+    latency_after_seconds: float = 0.0
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FaultInjector:
                 if uniform(self.seed, f"rule{index}:{endpoint}", n) >= rule.rate:
                     continue
                 decision.latency_seconds += rule.latency_ms / 1000.0
+                decision.latency_after_seconds += rule.latency_after_ms / 1000.0
                 if rule.status is not None and decision.error is None:
                     decision.error = _error_for(rule.status, rule.retry_after_seconds, rule.message)
         return decision

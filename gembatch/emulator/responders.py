@@ -327,6 +327,20 @@ def _parse_directives(texts: list[str]) -> _Directives | dict[str, Any]:
     )
 
 
+def fail_first(request: Any) -> int | None:
+    """N of a `[[emulator:fail-first=N]]` directive: the first N batches that contain this
+    exact request get an error line for it, later ones an answer (a flaky request)."""
+    if not isinstance(request, dict):
+        return None
+    for text in _all_texts(request):
+        if "[[emulator:fail-first=" in text:
+            for match in _DIRECTIVE_RE.finditer(text):
+                if match.group(1).lower() == "fail-first":
+                    value, problem = _directive_value("fail-first", match.group(2))
+                    return value if problem is None else None
+    return None
+
+
 def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
@@ -356,7 +370,12 @@ def _directive_value(name: str, value: str | None) -> tuple[Any, str | None]:
         if reason in _FINISH_REASONS:
             return reason, None
         return None, f"REASON must be a FinishReason such as {', '.join(_FINISH_REASONS[1:8])}"
-    return None, "unknown directive; known: error, words, blocked, finish"
+    if name == "fail-first":
+        # Acted on by the batch layer (it needs state across batches); accepted here.
+        if value is not None and _is_number(value) and 1 <= int(value) <= 1000:
+            return int(value), None
+        return None, "N must be a whole number from 1 to 1000"
+    return None, "unknown directive; known: error, words, blocked, finish, fail-first"
 
 
 # ================================================================ local prose

@@ -27,7 +27,12 @@ def default_state_dir() -> Path:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Named as TCP (not protocol 0): asyncio sets TCP_NODELAY only on connections whose
+    # socket says IPPROTO_TCP. Without it, Nagle holds back the body of every answer on a
+    # kept-alive connection (uvicorn writes headers and body separately) until the
+    # client's delayed ACK, 40 ms later: each call took 40 ms more than it should.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited on Linux
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
@@ -64,7 +69,9 @@ def serve(host: str, port: int, state_dir: Path, config: EmulatorConfig) -> None
             print(f"{READY_PREFIX}http://{url_host}:{actual_port} (state: {state_dir})", flush=True)
         await serving
 
-    asyncio.run(run())
+    # uvicorn's "auto" loop: uvloop when it is installed, else asyncio's own.
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(run())
 
 
 class EmulatorThread:
@@ -90,7 +97,8 @@ class EmulatorThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._server.serve(sockets=[self._sock]))
+            with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
+                runner.run(self._server.serve(sockets=[self._sock]))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
 

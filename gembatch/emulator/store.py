@@ -2,7 +2,10 @@
 
 Why: a restarted emulator must still know every file and batch it handed out (tests kill
 it on purpose), and tests need exact counts of what clients did (uploads, creates per
-display name, deletes). Blobs live beside the database as plain files.
+display name, deletes). Blobs live beside the database as plain files. Two things stay in
+memory so a poll storm costs no disk writes and no table scans: per-call counters, flushed
+in one transaction every fraction of a second (and before any read of them), and the
+unfinished batches, which the quota check and the clock look at all the time.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +65,15 @@ CREATE TABLE IF NOT EXISTS batches (
     end_time REAL,
     output_file TEXT,
     generated_successes INTEGER,
-    generated_failures INTEGER
+    generated_failures INTEGER,
+    forced TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS files_by_time ON files(create_time, id);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches(create_time, id);
 """
 
 
@@ -120,13 +126,23 @@ class BatchRow:
     output_file: str | None
     generated_successes: int | None
     generated_failures: int | None
+    forced: str = "[]"  # JSON list of input indices forced to fail ([[emulator:fail-first]])
 
     def failing_indices(self) -> list[int]:
-        return json.loads(self.failing)
+        return sorted(set(json.loads(self.failing)) | set(self.forced_indices()))
+
+    def forced_indices(self) -> list[int]:
+        return json.loads(self.forced)
 
 
 def _columns(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+# Named columns in field order: rows become dataclasses positionally, with no dict per row
+# (listing 100 batches a call, that is most of the cost).
+_FILE_COLUMNS = ", ".join(_columns(FileRow))
+_BATCH_COLUMNS = ", ".join(_columns(BatchRow))
 
 
 class Store:
@@ -147,9 +163,21 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
+        if "forced" not in columns:  # a state directory from an older emulator
+            self._db.execute("ALTER TABLE batches ADD COLUMN forced TEXT NOT NULL DEFAULT '[]'")
+        # Counts not yet written (see `count`), and every batch without a final state.
+        self._pending_counts: dict[str, int] = {}
+        self._unfinished: dict[str, BatchRow] = {
+            r[0]: BatchRow(*r)
+            for r in self._db.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE final_state IS NULL"
+            )
+        }
 
     def close(self) -> None:
         with self._lock:
+            self.flush_counts()
             self._db.close()
 
     @contextmanager
@@ -181,6 +209,8 @@ class Store:
 
     # -- counters ----------------------------------------------------------------------
     def incr(self, name: str, by: int = 1) -> int:
+        """Add to a counter durably, now (creates, uploads, deletes: tests count them after
+        a SIGKILL); returns the new value."""
         with self._lock:
             row = self._db.execute(
                 "INSERT INTO counters(name, value) VALUES (?, ?) "
@@ -190,8 +220,29 @@ class Store:
             ).fetchone()
             return int(row[0])
 
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a counter in memory; written by the next `flush_counts` (every call
+        would otherwise cost a disk write). Reads (`counters`) flush first, so they are
+        exact; a SIGKILL loses at most the counts since the last flush."""
+        with self._lock:
+            self._pending_counts[name] = self._pending_counts.get(name, 0) + by
+
+    def flush_counts(self) -> None:
+        """Write the counts kept in memory, in one transaction."""
+        with self._lock:
+            if not self._pending_counts:
+                return
+            pending, self._pending_counts = self._pending_counts, {}
+            with self.transaction() as db:
+                db.executemany(
+                    "INSERT INTO counters(name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    list(pending.items()),
+                )
+
     def counters(self) -> dict[str, int]:
         with self._lock:
+            self.flush_counts()
             return {r["name"]: r["value"] for r in self._db.execute("SELECT * FROM counters")}
 
     # -- files -------------------------------------------------------------------------
@@ -205,10 +256,12 @@ class Store:
 
     def get_file(self, file_id: str, now: float | None = None) -> FileRow | None:
         with self._lock:
-            r = self._db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+            r = self._db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
         if r is None:
             return None
-        row = FileRow(**dict(r))
+        row = FileRow(*r)
         if now is not None and row.expiration_time <= now:
             self.delete_file(file_id)
             return None
@@ -229,18 +282,17 @@ class Store:
         with self._lock:
             if after is None:
                 rows = self._db.execute(
-                    "SELECT * FROM files WHERE expiration_time > ? "
+                    f"SELECT {_FILE_COLUMNS} FROM files WHERE expiration_time > ? "
                     "ORDER BY create_time DESC, id DESC LIMIT ?",
                     (now, limit),
                 ).fetchall()
             else:
                 rows = self._db.execute(
-                    "SELECT * FROM files WHERE expiration_time > ? AND "
-                    "(create_time < ? OR (create_time = ? AND id < ?)) "
-                    "ORDER BY create_time DESC, id DESC LIMIT ?",
-                    (now, after[0], after[0], after[1], limit),
+                    f"SELECT {_FILE_COLUMNS} FROM files WHERE expiration_time > ? AND "
+                    "(create_time, id) < (?, ?) ORDER BY create_time DESC, id DESC LIMIT ?",
+                    (now, after[0], after[1], limit),
                 ).fetchall()
-        return [FileRow(**dict(r)) for r in rows]
+        return [FileRow(*r) for r in rows]
 
     def count_files(self) -> int:
         with self._lock:
@@ -284,11 +336,20 @@ class Store:
                 f"INSERT INTO batches({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [getattr(row, c) for c in cols],
             )
+            if row.final_state is None:
+                self._unfinished[row.id] = replace(row)  # the caller keeps its own copy
 
     def get_batch(self, batch_id: str) -> BatchRow | None:
         with self._lock:
-            r = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        return BatchRow(**dict(r)) if r else None
+            row = self._unfinished.get(batch_id)
+            return row if row is not None else self._select_batch(batch_id)
+
+    def _select_batch(self, batch_id: str) -> BatchRow | None:
+        with self._lock:
+            r = self._db.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+        return BatchRow(*r) if r else None
 
     def update_batch(self, batch_id: str, **values: Any) -> None:
         values.setdefault("update_time", time.time())
@@ -297,6 +358,7 @@ class Store:
             self._db.execute(
                 f"UPDATE batches SET {assigns} WHERE id = ?", [*values.values(), batch_id]
             )
+            self._refresh_unfinished(batch_id)
 
     def finalize_batch(self, batch_id: str, **values: Any) -> bool:
         """Set terminal fields once; False if another caller finalized it first."""
@@ -307,31 +369,55 @@ class Store:
                 f"UPDATE batches SET {assigns} WHERE id = ? AND final_state IS NULL",
                 [*values.values(), batch_id],
             ).rowcount
+            self._refresh_unfinished(batch_id)
         return bool(changed)
 
     def delete_batch(self, batch_id: str) -> bool:
         with self._lock:
             deleted = self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,)).rowcount
+            self._unfinished.pop(batch_id, None)
         return bool(deleted)
+
+    def _refresh_unfinished(self, batch_id: str) -> None:
+        """Keep the in-memory copy of an unfinished batch equal to its row (lock held)."""
+        if batch_id not in self._unfinished:
+            return
+        row = self._select_batch(batch_id)
+        if row is None or row.final_state is not None:
+            del self._unfinished[batch_id]
+        else:
+            self._unfinished[batch_id] = row
 
     def list_batches(self, after: tuple[float, str] | None, limit: int) -> list[BatchRow]:
         with self._lock:
             if after is None:
                 rows = self._db.execute(
-                    "SELECT * FROM batches ORDER BY create_time DESC, id DESC LIMIT ?", (limit,)
+                    f"SELECT {_BATCH_COLUMNS} FROM batches "
+                    "ORDER BY create_time DESC, id DESC LIMIT ?",
+                    (limit,),
                 ).fetchall()
             else:
                 rows = self._db.execute(
-                    "SELECT * FROM batches WHERE create_time < ? OR "
-                    "(create_time = ? AND id < ?) ORDER BY create_time DESC, id DESC LIMIT ?",
-                    (after[0], after[0], after[1], limit),
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE (create_time, id) < (?, ?) "
+                    "ORDER BY create_time DESC, id DESC LIMIT ?",
+                    (after[0], after[1], limit),
                 ).fetchall()
-        return [BatchRow(**dict(r)) for r in rows]
+        return [BatchRow(*r) for r in rows]
 
     def unfinished_batches(self) -> list[BatchRow]:
+        """Every batch without a final state, from memory (no query). Like every row the
+        store hands out, each is a snapshot: read it, never change it."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM batches WHERE final_state IS NULL").fetchall()
-        return [BatchRow(**dict(r)) for r in rows]
+            return list(self._unfinished.values())
+
+    def count_unfinished(self) -> int:
+        with self._lock:
+            return len(self._unfinished)
+
+    def unfinished_batch(self, batch_id: str) -> BatchRow | None:
+        """The batch if it has no final state yet (from memory), else None."""
+        with self._lock:
+            return self._unfinished.get(batch_id)
 
     def batch_state_counts(self) -> dict[str, int]:
         with self._lock:
@@ -344,6 +430,8 @@ class Store:
         with self._lock:
             for table in ("files", "uploads", "batches", "counters"):
                 self._db.execute(f"DELETE FROM {table}")
+            self._pending_counts.clear()
+            self._unfinished.clear()
         for directory in (self.blob_dir, self.upload_dir, self.work_dir):
             for path in directory.iterdir():
                 path.unlink(missing_ok=True)

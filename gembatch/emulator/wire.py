@@ -80,7 +80,8 @@ def has_field(obj: Any, name: str) -> bool:
 
 def new_id(length: int) -> str:
     """A random resource id of lowercase letters and digits, as Google's are."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    # One call to the OS for the whole id (one per character was a visible cost).
+    return "".join(_ID_ALPHABET[b % 36] for b in secrets.token_bytes(length))
 
 
 def timestamp(epoch: float) -> str:
