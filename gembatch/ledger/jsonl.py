@@ -22,14 +22,15 @@ import shlex
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import filelock
 
 from gembatch import fsutil
+from gembatch.jobs import InvalidTransition, JobStatus, legal_status_change
 from gembatch.ledger import (
     LedgerFileError,
     LedgerLockedError,
@@ -233,6 +234,29 @@ class _Document:
         return b"\n".join([line.raw for line in self.lines]) + b"\n"
 
 
+@dataclass
+class ApplyResult:
+    """What `JsonlLedger.apply` did: the records after the change, by id."""
+
+    records: dict[str, Record] = field(default_factory=dict)
+    errors: dict[str, Exception] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+def _check_status_change(old: Record | None, new: Record) -> None:
+    """The ledger's own guard: a record's `status` moves only along the transition table.
+    Records the original tool wrote have no status; gembatch may give them one."""
+    before, after = (old or {}).get("status"), new.get("status")
+    if before is None or before == after:
+        return
+    try:
+        old_status, new_status = JobStatus(before), JobStatus(after)
+    except ValueError:
+        raise InvalidTransition("job", before, "update", after) from None
+    if not legal_status_change(old_status, new_status):
+        raise InvalidTransition("job", before, "update", after)
+
+
 # -- the lock ----------------------------------------------------------------------------
 
 
@@ -267,6 +291,23 @@ def _write_holder(fd: int) -> None:
         os.write(fd, data)
     except OSError:  # a lock file we may not write still locks; the holder just goes unnamed
         pass
+
+
+def holder_lock(path: str | os.PathLike[str], timeout: float = 0) -> filelock.FileLock:
+    """A kernel lock that records its holder (pid, command, time) in the lock file, as the
+    ledger lock does; `read_lock_holder` reads it back for an error message."""
+    return filelock.FileLock(
+        path,
+        timeout=timeout,
+        fallback_to_soft=False,
+        preserve_lock_file=True,
+        on_acquired=_write_holder,
+    )
+
+
+def describe_lock_holder(path: str | os.PathLike[str]) -> str:
+    """ "pid 1234, `gembatch poll`, since 12:01:02" (or "another process")."""
+    return _describe_holder(read_lock_holder(path))[0]
 
 
 def read_lock_holder(lock_path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -382,11 +423,79 @@ class JsonlLedger:
                 pos = doc.position(record_id(record))
                 if pos is None:
                     continue
+                _check_status_change(doc.lines[pos].record, record)
+            for record in updates:
+                pos = doc.position(record_id(record))
+                if pos is None:
+                    continue
                 matched += 1
                 changed = doc.set(pos, record) or changed
             if changed:
                 self._write_document(doc)
             return matched
+
+    def add_many(self, records: Iterable[Record]) -> list[bool]:
+        """`add` for several records in one write; True for each record added."""
+        new = list(records)
+        for record in new:
+            _check_id(record)
+        with self._transaction() as doc:
+            added = []
+            for record in new:
+                if doc.position(record_id(record)) is not None:
+                    added.append(False)
+                    continue
+                doc.append(record)
+                added.append(True)
+            if any(added):
+                self._write_document(doc)
+            return added
+
+    def apply(self, changes: Mapping[str, Callable[[Record], Record | None]]) -> ApplyResult:
+        """Run each change on the CURRENT record of its id, under the lock, in one write.
+
+        This is how concurrent writers (a `poll` and a `cancel`, say) never lose each
+        other's updates: a change is a function of the freshest record, not a copy taken
+        earlier. A change returns the new record (or None for "no change"); if it raises,
+        that record is left as it was and the exception is returned in `errors`. A change
+        of `status` that no transition allows raises `InvalidTransition`.
+        """
+        result = ApplyResult()
+        with self._transaction() as doc:
+            changed = False
+            for job_id, change in changes.items():
+                pos = doc.position(job_id)
+                line = doc.lines[pos] if pos is not None else None
+                if line is None or line.record is None:
+                    result.missing.append(job_id)
+                    continue
+                current = copy_record(line.record)
+                try:
+                    new = change(current)
+                    if new is None:
+                        result.records[job_id] = copy_record(line.record)
+                        continue
+                    _check_status_change(line.record, new)
+                except Exception as exc:
+                    result.errors[job_id] = exc
+                    continue
+                changed = doc.set(pos, new) or changed  # type: ignore[arg-type]
+                result.records[job_id] = copy_record(doc.lines[pos].record)  # type: ignore[index]
+            if changed:
+                self._write_document(doc)
+        return result
+
+    def transact(
+        self, select: Callable[[list[Record]], Mapping[str, Callable[[Record], Record | None]]]
+    ) -> ApplyResult:
+        """Decide on changes from ALL current records, then apply them, under one lock.
+
+        For decisions that depend on the whole ledger, such as claiming tasks only while
+        fewer than N remote batches are live: no other process can claim in between.
+        """
+        with self.locked():
+            changes = select(self.load().records)
+            return self.apply(changes) if changes else ApplyResult()
 
     def find_by_input(self, input_file: str) -> Record | None:
         with self._transaction(write=False) as doc:
