@@ -5,7 +5,17 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its command on `app`.
-from gembatch.cli import demo_cmd, emulator_cmd, info_cmd  # noqa: F401
+from gembatch.cli import (  # noqa: F401
+    cancel_cmd,
+    cleanup_cmd,
+    demo_cmd,
+    emulator_cmd,
+    info_cmd,
+    poll_cmd,
+    results_cmd,
+    status_cmd,
+    submit_cmd,
+)
 from gembatch.cli.app import app
 from gembatch.errors import UserError
 

@@ -1,0 +1,111 @@
+"""`gembatch cleanup`: delete remote files and batches that finished jobs left behind."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gembatch.cli import common
+from gembatch.cli.app import app, settings
+from gembatch.errors import UserError
+
+
+@app.command()
+def cleanup(
+    ctx: typer.Context,
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    everything: bool = typer.Option(
+        False,
+        "--all",
+        help="Every file and finished batch in the project, not only this ledger's "
+        "(pending or running batches are never deleted).",
+    ),
+) -> None:
+    """Delete the remote inputs, batches and outputs of this ledger's finished jobs."""
+    from gembatch.engine.engine import Engine, cleanup_targets
+
+    opts = settings(ctx)
+    with common.local_emulator(opts):
+        remote = common.make_remote()
+        engine = Engine(common.ledger_for(ctx), remote, role="cleanup")
+        engine.settings.max_cleanup_attempts = 1_000_000  # asked for explicitly: try again
+        jobs = engine.jobs()
+
+        async def go() -> int:
+            try:
+                if everything:
+                    return await _cleanup_all(remote, jobs, yes)
+                targets = [
+                    (job, task, names)
+                    for job in jobs
+                    for task in job.tasks
+                    if (names := cleanup_targets(task, 1_000_000))
+                ]
+                if not targets:
+                    print("nothing to clean up: every finished job's remote files are gone")
+                    return 0
+                for job, task, names in targets:
+                    print(f"{job.input_file} (task {task.index}): {', '.join(names.values())}")
+                _confirm(yes, f"delete these {sum(len(n) for _, _, n in targets)} remote items?")
+                errors = await engine.cleanup_remote()
+                for message in errors:
+                    print(message, file=sys.stderr)
+                return 1 if errors else 0
+            finally:
+                await remote.aclose()
+
+        code = common.run(go())
+    raise typer.Exit(code)
+
+
+async def _cleanup_all(remote, jobs, yes: bool) -> int:
+    """The original tool's `cleanup`, made safe: every page is read, and nothing that is
+    still pending or running, or that an unfinished job of this ledger uses, is deleted."""
+    protected = {
+        name
+        for job in jobs
+        if not job.status.terminal
+        for task in job.tasks
+        for name in (task.uploaded_file_name, task.batch_name, task.output_file)
+        if name
+    }
+    batches = await remote.list_batches()
+    files = await remote.list_files()
+    doomed_batches = [b for b in batches if b.state.terminal and b.name not in protected]
+    kept = [b for b in batches if not b.state.terminal or b.name in protected]
+    doomed_files = [f for f in files if f["name"] not in protected]
+    print(
+        f"{len(doomed_batches)} finished batch(es) and {len(doomed_files)} file(s) in the "
+        f"project will be deleted; {len(kept)} pending or running batch(es) are left alone"
+    )
+    if not doomed_batches and not doomed_files:
+        return 0
+    _confirm(yes, "delete them? This includes other tools' files and undownloaded results")
+    errors = 0
+    for batch in doomed_batches:
+        try:
+            await remote.delete_batch(batch.name)
+        except Exception as exc:
+            errors += 1
+            print(f"delete {batch.name}: {exc}", file=sys.stderr)
+    for file in doomed_files:
+        try:
+            await remote.delete_file(file["name"])
+        except Exception as exc:
+            errors += 1
+            print(f"delete {file['name']}: {exc}", file=sys.stderr)
+    print(
+        f"deleted {len(doomed_batches)} batch(es) and {len(doomed_files)} file(s)"
+        + (f"; {errors} failed" if errors else "")
+    )
+    return 1 if errors else 0
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UserError(f"{question} Not on a terminal: add -y to confirm")
+    if not typer.confirm(question, default=False):
+        raise typer.Exit(1)

@@ -1,0 +1,321 @@
+"""Submit and poll, as `submit`, `poll`, `run` and `demo` share them.
+
+Why: seed 001's submit (many files, `[i/n]` progress, skip duplicates, non-zero exit on
+any error) and seed 000's poll (a live table at a fixed position, resume, downloads and
+cleanup as jobs finish) are the heart of the command line; `run` and `demo` are the two
+in sequence. Everything here only drives the engine and shows what it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from gembatch.engine.engine import CycleReport, Engine, EngineSettings, StartOutcome
+from gembatch.errors import UserError
+from gembatch.inputs import SplitLimits, ValidatedInput, validate_files
+from gembatch.jobs import Job, JobStatus, RetryConfig
+
+
+@dataclass
+class SubmitOptions:
+    model: str
+    priority: int = 0
+    force: bool = False
+    dry_run: bool = False
+    max_task_bytes: int | None = None
+    max_task_requests: int | None = None
+    max_parallel_tasks: int | None = None
+    retry_config: RetryConfig | None = None
+
+
+@dataclass
+class PollOptions:
+    interval: float = 30.0
+    once: bool = False
+    concurrency: int = 32
+    max_live_batches: int = 10
+
+
+def validate(files: list[str], options: SubmitOptions) -> list[ValidatedInput]:
+    """Every file checked before anything leaves the machine; any problem stops all."""
+    limits = SplitLimits()
+    if options.max_task_bytes:
+        limits = SplitLimits(
+            max_bytes=options.max_task_bytes, max_requests=options.max_task_requests
+        )
+    elif options.max_task_requests:
+        limits = SplitLimits(max_requests=options.max_task_requests)
+    return validate_files(files, limits)
+
+
+def print_dry_run(inputs: list[ValidatedInput], out: TextIO) -> None:
+    total_requests = sum(i.count for i in inputs)
+    total_bytes = sum(i.size_bytes for i in inputs)
+    for i, item in enumerate(inputs, 1):
+        tasks = len(item.tasks)
+        print(
+            f"[{i}/{len(inputs)}] {item.display}: {item.count:,} requests, "
+            f"{_size(item.size_bytes)}, {tasks} task{'s' if tasks != 1 else ''}, "
+            f"~{item.estimated_tokens:,} tokens",
+            file=out,
+        )
+    print(
+        f"dry run: {len(inputs)} file(s), {total_requests:,} requests, {_size(total_bytes)} "
+        "would be submitted; nothing was uploaded",
+        file=out,
+    )
+
+
+async def submit(
+    engine: Engine, inputs: list[ValidatedInput], options: SubmitOptions, out: TextIO
+) -> int:
+    """Record the jobs, then start as many as the live-batch limit allows. Returns the
+    number of files that failed."""
+    added = await asyncio.to_thread(
+        engine.add_jobs,
+        inputs,
+        model=options.model,
+        priority=options.priority,
+        retry_config=options.retry_config,
+        max_parallel_tasks=options.max_parallel_tasks,
+        force=options.force,
+    )
+    total = len(added)
+    position = {}
+    for i, result in enumerate(added, 1):
+        if result.job is None:
+            print(f"[{i}/{total}] {result.input.display}: skip: {result.reason}", file=out)
+        else:
+            position[result.job.id] = i
+    new_jobs = {r.job.id: r.job for r in added if r.job is not None}
+    if not new_jobs:
+        return 0
+    outcomes: dict[str, list[StartOutcome]] = {}
+    for outcome in await engine.start(job_ids=set(new_jobs)):
+        outcomes.setdefault(outcome.job_id, []).append(outcome)
+    # A job whose every task was refused for good ends now, not at the next poll.
+    await engine.finalize(CycleReport())
+    failures = 0
+    for job_id, job in new_jobs.items():
+        label = f"[{position[job_id]}/{total}] {job.input_file}"
+        results = outcomes.get(job_id, [])
+        errors = [o for o in results if not o.ok]
+        if errors:
+            failures += 1
+            for o in errors:
+                when = ""
+                if o.retry_at:
+                    when = (
+                        f"; will retry at {time.strftime('%H:%M:%S', time.localtime(o.retry_at))}"
+                    )
+                    when += " (run `gembatch poll`)"
+                print(f"{label}: error: {o.message}{when}", file=out)
+            continue
+        tasks = len(job.tasks)
+        started = [o for o in results if o.ok]
+        if not started:
+            print(
+                f"{label}: queued ({job.count:,} requests): {engine.settings.max_live_batches} "
+                "remote batches are live (the limit); `gembatch poll` submits it when one ends",
+                file=out,
+            )
+        elif tasks == 1:
+            print(f"{label}: submitted {started[0].batch_name} ({job.count:,} requests)", file=out)
+        else:
+            print(
+                f"{label}: {len(started)} of {tasks} tasks submitted ({job.count:,} requests); "
+                "`gembatch poll` submits the rest",
+                file=out,
+            )
+    return failures
+
+
+async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
+    """Cycles until every job is finished (or once). Returns the exit code."""
+    from gembatch.cli.monitor import CycleInfo, PlainReporter, monitor_view
+
+    interactive = out.isatty()
+    live = None
+    reporter = None if interactive else PlainReporter(out)
+    jobs = await asyncio.to_thread(engine.jobs)
+    if not jobs:
+        print(
+            "no jobs in the ledger yet: submit some with `gembatch submit FILE...`",
+            file=sys.stderr,
+        )
+        return 0
+    info = CycleInfo(last_update=time.time(), next_poll_at=None, checking=True)
+    if interactive:
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(file=out)
+        live = Live(monitor_view(jobs, info, time.time()), console=console, auto_refresh=False)
+        quiet = _quiet_keyboard()
+        live.start(refresh=True)
+    try:
+        while True:
+            report = await _interruptible(engine.cycle(), live, reporter, jobs, info)
+            jobs = await asyncio.to_thread(engine.jobs)
+            labels = {j.id: j.input_file for j in jobs}
+            now = time.time()
+            errors = [
+                (labels.get(job_id, job_id or "ledger"), msg) for job_id, msg in report.errors
+            ]
+            errors += [("ledger", p) for p in engine.problems]
+            done = report.unfinished == 0 or options.once
+            wake = None if done else now + options.interval
+            if wake is not None and report.next_due is not None:
+                wake = min(wake, max(report.next_due, now + 0.2))
+            info = CycleInfo(
+                last_update=now,
+                next_poll_at=wake,
+                newly_completed=len(report.finished),
+                errors=errors,
+            )
+            if live is not None:
+                live.update(monitor_view(jobs, info, now), refresh=True)
+            elif reporter is not None:
+                reporter.update(jobs, info)
+            if done:
+                break
+            while wake is not None and time.time() < wake:
+                await _interruptible(
+                    asyncio.sleep(min(1.0, max(0.0, wake - time.time()))),
+                    live,
+                    reporter,
+                    jobs,
+                    info,
+                )
+                if live is not None:
+                    live.update(monitor_view(jobs, info, time.time()), refresh=True)
+            if live is not None:
+                info.checking = True
+                info.next_poll_at = None
+                live.update(monitor_view(jobs, info, time.time()), refresh=True)
+    finally:
+        if live is not None:
+            live.stop()
+            quiet()
+    if reporter is not None:
+        reporter.summary(jobs)
+    else:
+        _summary(jobs, out)
+    unfinished = [j for j in jobs if not j.status.terminal]
+    if options.once and unfinished:
+        return 0
+    return 1 if any(j.status is JobStatus.FAILED for j in jobs) else 0
+
+
+def _quiet_keyboard() -> Any:
+    """Stop the terminal from echoing keys (and `^C`) over the live table: an echo at the
+    end of a full-width line moves the cursor down and the next redraw lands one line low.
+    Returns the function that restores the terminal."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal, or not POSIX
+        return lambda: None
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except OSError:
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except OSError:
+            pass
+
+    return restore
+
+
+async def _interruptible(
+    awaitable: Any, live: Any, reporter: Any, jobs: list[Job], info: Any
+) -> Any:
+    """Await; on Ctrl-C, say so on the screen (the table stays there) before stopping."""
+    try:
+        return await awaitable
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        info.interrupted = True
+        info.checking = False
+        info.next_poll_at = None
+        if live is not None:
+            from gembatch.cli.monitor import monitor_view
+
+            live.update(monitor_view(jobs, info, time.time()), refresh=True)
+        elif reporter is not None:
+            reporter.update(jobs, info)
+        raise
+
+
+def _summary(jobs: list[Job], out: TextIO) -> None:
+    from gembatch.cli.monitor import summary_lines
+
+    for line in summary_lines(jobs):
+        print(line, file=out)
+
+
+def engine_for(ledger: Any, remote: Any, poll_options: PollOptions, role: str) -> Engine:
+    settings = EngineSettings(
+        max_live_batches=poll_options.max_live_batches,
+        poll_concurrency=poll_options.concurrency,
+    )
+    return Engine(ledger, remote, tuned(settings), role=role)
+
+
+def tuned(settings: EngineSettings) -> EngineSettings:
+    """Apply $GEMBATCH_ENGINE, a JSON object of EngineSettings fields (for operators and
+    tests that need, say, shorter download retry intervals)."""
+    import dataclasses
+    import json
+    import os
+
+    text = os.environ.get("GEMBATCH_ENGINE")
+    if not text:
+        return settings
+    try:
+        overrides = json.loads(text)
+        return dataclasses.replace(settings, **overrides)
+    except (ValueError, TypeError) as exc:
+        names = ", ".join(f.name for f in dataclasses.fields(EngineSettings))
+        raise UserError(f"GEMBATCH_ENGINE must be a JSON object of {names}: {exc}") from None
+
+
+def exclusive_poll_lock(job_info: Path) -> Any:
+    """One polling process per ledger: a second would download and clean up the same
+    batches. The lock is the kernel's, so a killed poll never leaves it behind."""
+    import filelock
+
+    from gembatch.ledger.jsonl import describe_lock_holder, holder_lock
+
+    path = Path(f"{job_info}.poll.lock")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} does not exist: give --job-info a path in a directory")
+    lock = holder_lock(path)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(
+            f"{describe_lock_holder(path)} is already polling {job_info}; "
+            "let it finish or stop it, then run this again"
+        ) from None
+    return lock
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"

@@ -1,0 +1,52 @@
+"""`gembatch poll`: watch every job, download and clean up as they finish (seed 000)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gembatch.cli import common
+from gembatch.cli.app import app, settings
+
+
+@app.command()
+def poll(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="One cycle, then exit."),
+    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls."),
+    concurrency: int = typer.Option(32, "--concurrency", help="Batches checked at once."),
+    max_live_batches: int = typer.Option(
+        10, "--max-live-batches", help="Remote batches pending or running at once."
+    ),
+) -> None:
+    """Poll every unfinished job; download, verify and clean up as they finish.
+
+    Shows a live table on a terminal, one line per event otherwise. Ctrl-C stops
+    cleanly; running it again resumes where it stopped.
+    """
+    from gembatch.cli import flow
+
+    opts = settings(ctx)
+    with common.local_emulator(opts):
+        remote = common.make_remote(concurrency)
+        options = flow.PollOptions(
+            interval=interval,
+            once=once,
+            concurrency=concurrency,
+            max_live_batches=max_live_batches,
+        )
+        lock = flow.exclusive_poll_lock(opts.job_info)
+        engine = flow.engine_for(common.ledger_for(ctx), remote, options, role="poll")
+
+        async def go() -> int:
+            try:
+                return await flow.poll(engine, options, sys.stdout)
+            finally:
+                await remote.aclose()
+
+        try:
+            code = common.run(go())
+        finally:
+            lock.release()
+    raise typer.Exit(code)

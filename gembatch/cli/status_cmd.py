@@ -1,0 +1,43 @@
+"""`gembatch status`: the ledger as a table or JSON, without touching the network."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import typer
+
+from gembatch.cli import common
+from gembatch.cli.app import app
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="JSON (one array) instead of a table."),
+) -> None:
+    """Show every job in the ledger."""
+    from gembatch.cli.monitor import status_json, status_table
+    from gembatch.jobs import Job
+
+    ledger = common.ledger_for(ctx)
+    snapshot = ledger.load()
+    jobs = []
+    for record in snapshot.records:
+        try:
+            jobs.append(Job.from_record(record))
+        except (KeyError, ValueError, TypeError) as exc:
+            print(f"{ledger.path}: job {record.get('id')}: unreadable ({exc})", file=sys.stderr)
+    for problem in snapshot.problems:
+        print(f"{ledger.path}:{problem.line}: {problem.message}", file=sys.stderr)
+    if as_json:
+        json.dump(status_json(jobs), sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif not jobs:
+        print(f"no jobs in {ledger.path}", file=sys.stderr)
+    else:
+        from rich.console import Console
+
+        Console().print(status_table(jobs, time.time()))
+    raise typer.Exit(1 if snapshot.problems else 0)

@@ -1,0 +1,1 @@
+"""The engine: job decisions (`reducers`, pure) and their execution (`engine`, I/O)."""

@@ -1,0 +1,925 @@
+"""The engine: runs every job's tasks through upload, create, wait, download and cleanup.
+
+Why: this is where "nothing lost, nothing paid twice" is kept. Each remote side effect is
+bracketed by ledger transactions: the intent (with its owner) is recorded before the call
+and the outcome right after, so a crash at any instant leaves a record that says what to
+check. A create whose outcome is unknown is resolved by listing remote batches by display
+name, never by creating again. Results are verified key by key before anything remote is
+deleted. The engine talks to its ledger only through `apply`/`transact` (changes are pure
+functions from `reducers`), and to Gemini only through `Remote`; the CLI and the HTTP
+service drive the same engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gembatch import fsutil
+from gembatch.engine import reducers
+from gembatch.engine.owner import current_owner, is_mine, owner_alive
+from gembatch.gemini.errors import Classified, classify, error_info
+from gembatch.gemini.remote import Remote
+from gembatch.inputs import ValidatedInput, iter_keys, open_range, write_subset
+from gembatch.jobs import (
+    ErrorClass,
+    InvalidTransition,
+    Job,
+    JobStatus,
+    RemoteState,
+    RequestCounts,
+    RetryConfig,
+    Step,
+    TaskEvent,
+    TaskInput,
+    TaskState,
+    now_iso,
+)
+from gembatch.ledger import Record
+from gembatch.results import failed_keys, merge_results, verify_output
+from gembatch.retry import Decision, backoff, decide
+
+Change = Callable[[Record], Record | None]
+WORK_DIR = ".gembatch"
+
+
+class EngineLedger(Protocol):
+    """What the engine needs from a ledger (JsonlLedger and the SQL ledger provide it)."""
+
+    def load(self) -> Any: ...
+
+    def add_many(self, records: Sequence[Record]) -> list[bool]: ...
+
+    def apply(self, changes: Mapping[str, Change]) -> Any: ...
+
+    def transact(self, select: Callable[[list[Record]], Mapping[str, Change]]) -> Any: ...
+
+
+@dataclass
+class EngineSettings:
+    max_live_batches: int = 10  # remote batches pending or running at once (Gemini: 100)
+    poll_concurrency: int = 32
+    upload_concurrency: int = 4
+    download_concurrency: int = 4
+    max_download_attempts: int = 5
+    download_retry_interval: float = 5.0
+    max_cleanup_attempts: int = 3
+    poll_retry_interval: float = 5.0  # first backoff after a failed batches.get
+
+
+@dataclass
+class AddResult:
+    input: ValidatedInput
+    job: Job | None = None  # the new job, when added
+    existing: Job | None = None  # the job it duplicates, when skipped
+    reason: str = ""
+
+
+@dataclass
+class StartOutcome:
+    job_id: str
+    task: int
+    input_file: str
+    ok: bool
+    message: str
+    batch_name: str | None = None
+    retry_at: float | None = None
+
+
+@dataclass
+class CycleReport:
+    polled: int = 0
+    started: list[StartOutcome] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # job ids that became terminal
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (job id, message)
+    next_due: float | None = None  # earliest time some deferred work becomes due
+    unfinished: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        ledger: EngineLedger,
+        remote: Remote,
+        settings: EngineSettings | None = None,
+        *,
+        role: str = "engine",
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.remote = remote
+        self.settings = settings or EngineSettings()
+        self.owner = current_owner(role)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.problems: list[str] = []
+
+    # -- reading -----------------------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        """Every job in the ledger; records that cannot be read are noted in `problems`."""
+        snapshot = self.ledger.load()
+        jobs, self.problems = [], [f"line {p.line}: {p.message}" for p in snapshot.problems]
+        for record in snapshot.records:
+            try:
+                jobs.append(Job.from_record(record))
+            except (KeyError, ValueError, TypeError) as exc:
+                self.problems.append(f"job {record.get('id')}: unreadable record ({exc})")
+        return jobs
+
+    async def _jobs(self) -> list[Job]:
+        return await asyncio.to_thread(self.jobs)
+
+    async def _apply(self, changes: Mapping[str, Change]) -> Any:
+        return await asyncio.to_thread(self.ledger.apply, changes)
+
+    def _change(self, reducer: Callable[..., Job], *args: Any, **kwargs: Any) -> Change:
+        """A ledger change that runs `reducer(job, *args)` on the freshest record."""
+        # The job is built fresh from the record here, so the reducer may change it in
+        # place: skip the defensive copy that keeps reducers pure for other callers.
+        body = getattr(reducer, "__wrapped__", reducer)
+
+        def change(record: Record) -> Record:
+            job = Job.from_record(record)
+            return body(job, *args, **kwargs).to_record()
+
+        return change
+
+    # -- submit ------------------------------------------------------------------------------
+    def add_jobs(
+        self,
+        inputs: Sequence[ValidatedInput],
+        *,
+        model: str,
+        priority: int = 0,
+        retry_config: RetryConfig | None = None,
+        max_parallel_tasks: int | None = None,
+        force: bool = False,
+    ) -> list[AddResult]:
+        """Record validated inputs as pending jobs; the same input (by path or by content)
+        is not submitted twice unless `force`."""
+        results: list[AddResult] = []
+
+        def select(records: list[Record]) -> Mapping[str, Change]:
+            existing = []
+            for record in records:
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    existing.append(Job.from_record(record))
+            now = self.clock()
+            new_records = []
+            for item in inputs:
+                duplicate = None if force else _duplicate_of(item, existing)
+                if duplicate is not None:
+                    results.append(AddResult(item, existing=duplicate, reason=_why(duplicate)))
+                    continue
+                job = reducers.new_job(
+                    job_id=reducers.new_job_id(),
+                    input_file=item.display,
+                    input_path=str(item.path),
+                    sha256=item.sha256,
+                    size_bytes=item.size_bytes,
+                    count=item.count,
+                    plans=[(t.start, t.end, t.count) for t in item.tasks],
+                    model=model
+                    if model.startswith(("models/", "tunedModels/"))
+                    else f"models/{model}",
+                    priority=priority,
+                    retry_config=retry_config or RetryConfig(),
+                    max_parallel_tasks=max_parallel_tasks,
+                    result_file=str(results_path(item.path)),
+                    now=now,
+                )
+                existing.append(job)
+                new_records.append(job.to_record())
+                results.append(AddResult(item, job=job))
+            if new_records:
+                self.ledger.add_many(new_records)
+            return {}
+
+        self.ledger.transact(select)
+        return results
+
+    # -- one cycle ---------------------------------------------------------------------------
+    async def cycle(self, *, start: bool = True) -> CycleReport:
+        """One pass over the ledger: reconcile, start, poll, download, clean up, finalize."""
+        report = CycleReport()
+        before = {j.id: j.status for j in await self._jobs()}
+        await self.reconcile(report)
+        if start:
+            report.started = await self.start()
+            report.errors += [(o.job_id, o.message) for o in report.started if not o.ok]
+        await self.poll(report)
+        await self.download(report)
+        await self.cleanup_finished(report)
+        await self.finalize(report)
+        jobs = await self._jobs()
+        report.finished = [
+            j.id
+            for j in jobs
+            if j.status.terminal and not before.get(j.id, JobStatus.PENDING).terminal
+        ]
+        report.unfinished = sum(1 for j in jobs if not j.status.terminal)
+        due = [
+            t.not_before
+            for j in jobs
+            if not j.status.terminal
+            for t in j.tasks
+            if t.not_before and not t.state.terminal
+        ]
+        report.next_due = min(due) if due else None
+        return report
+
+    # -- reconcile ---------------------------------------------------------------------------
+    async def reconcile(self, report: CycleReport) -> None:
+        """Hand back claims whose owner died: find what its remote call did first."""
+        stale = [
+            (job, task)
+            for job in await self._jobs()
+            for task in job.tasks
+            if task.state in (TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING)
+            and not is_mine(task.owner, self.owner)
+            and not owner_alive(task.owner)
+        ]
+        if not stale:
+            return
+        now = self.clock()
+        creating = {t.display_name for _, t in stale if t.state is TaskState.CREATING}
+        uploading = {t.display_name for _, t in stale if t.state is TaskState.UPLOADING}
+        try:
+            found_batches = await self.remote.find_batches(creating) if creating else {}
+            found_files = await self.remote.find_files(uploading) if uploading else {}
+        except Exception as exc:  # try again next cycle; never guess
+            report.errors.append(("", f"reconcile: {classify(exc).message}"))
+            return
+        changes: dict[str, list[Change]] = {}
+        for job, task in stale:
+            if task.state is TaskState.CREATING:
+                batch = found_batches.get(task.display_name)
+                if batch is not None:
+                    change = self._change(reducers.created, task.index, batch.to_batch_dict(), now)
+                else:
+                    change = self._change(
+                        reducers.release,
+                        task.index,
+                        TaskState.UPLOADED,
+                        now,
+                        "create intent of a dead process: no batch with its display name",
+                    )
+            elif task.state is TaskState.UPLOADING:
+                orphan = found_files.get(task.display_name)
+                if orphan:
+                    with contextlib.suppress(Exception):
+                        await self.remote.delete_file(orphan)
+                change = self._change(
+                    reducers.release, task.index, TaskState.NEW, now, "upload of a dead process"
+                )
+            else:
+                change = self._change(
+                    reducers.release,
+                    task.index,
+                    TaskState.SUCCEEDED,
+                    now,
+                    "download of a dead process",
+                )
+            changes.setdefault(job.id, []).append(change)
+        result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+        _report_apply_errors(result, report)
+
+    # -- start: upload + create --------------------------------------------------------------
+    async def start(self, job_ids: Collection[str] | None = None) -> list[StartOutcome]:
+        """Upload and create batches for due tasks, highest priority first, while fewer
+        than `max_live_batches` remote batches are live and within each job's
+        `max_parallel_tasks`."""
+        claimed = await asyncio.to_thread(self._claim_starts, job_ids)
+        if not claimed:
+            return []
+        gate = asyncio.Semaphore(self.settings.upload_concurrency)
+
+        async def run(job: Job, index: int) -> StartOutcome:
+            async with gate:
+                return await self._start_task(job, index)
+
+        return list(await asyncio.gather(*(run(job, index) for job, index in claimed)))
+
+    def _claim_starts(self, job_ids: Collection[str] | None) -> list[tuple[Job, int]]:
+        claimed: list[tuple[Job, int]] = []
+        now = self.clock()
+
+        def select(records: list[Record]) -> Mapping[str, Change]:
+            jobs = []
+            for record in records:
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    jobs.append(Job.from_record(record))
+            # An upload in progress has reserved a slot: its batch is created right after.
+            busy = sum(1 for j in jobs for t in j.tasks if t.live or t.state is TaskState.UPLOADING)
+            free = self.settings.max_live_batches - busy
+            candidates = []
+            for job in jobs:
+                if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+                    continue
+                if job_ids is not None and job.id not in job_ids:
+                    continue
+                live = sum(1 for t in job.tasks if t.live or t.state is TaskState.UPLOADING)
+                room = (job.max_parallel_tasks or 1_000_000) - live
+                for task in job.tasks:
+                    if room <= 0:
+                        break
+                    due = not task.not_before or task.not_before <= now
+                    if task.state in (TaskState.NEW, TaskState.UPLOADED) and due:
+                        candidates.append((-job.priority, job.created_at or "", task.index, job))
+                        room -= 1
+            candidates.sort(key=lambda c: c[:3])
+            changes: dict[str, list[Change]] = {}
+            for _, _, index, job in candidates[: max(0, free)]:
+                task = job.task(index)
+                if task.state is TaskState.NEW:
+                    change = self._change(reducers.claim_upload, index, self.owner, now)
+                else:
+                    change = self._change(reducers.claim_create, index, self.owner, now)
+                changes.setdefault(job.id, []).append(change)
+                claimed.append((job, index))
+            return {jid: _chain(fs) for jid, fs in changes.items()}
+
+        result = self.ledger.transact(select)
+        ok = set(result.records) - set(result.errors)
+        return [(Job.from_record(result.records[j.id]), i) for j, i in claimed if j.id in ok]
+
+    async def _start_task(self, job: Job, index: int) -> StartOutcome:
+        task = job.task(index)
+        if task.state is TaskState.UPLOADING:
+            uploaded = await self._upload(job, index)
+            if isinstance(uploaded, StartOutcome):
+                return uploaded
+            now = self.clock()
+            # Uploaded and create intent in ONE write: no instant where the task looks
+            # free to another process (which could then exceed the live-batch limit).
+            claim = await self._apply(
+                {
+                    job.id: _chain(
+                        [
+                            self._change(reducers.uploaded, index, uploaded, now),
+                            self._change(reducers.claim_create, index, self.owner, now),
+                        ]
+                    )
+                }
+            )
+            if job.id not in claim.records or job.id in claim.errors:
+                message = str(claim.errors.get(job.id, "job vanished from the ledger"))
+                return StartOutcome(job.id, index, job.input_file, False, message)
+            job = Job.from_record(claim.records[job.id])
+        return await self._create(job, index)
+
+    async def _upload(self, job: Job, index: int) -> str | StartOutcome:
+        """The task's byte range of the input, streamed up; the new file's name."""
+        task = job.task(index)
+        try:
+            end = task.input.end
+            if end is None:
+                end = os.path.getsize(task.input.path)
+            with open_range(task.input.path, task.input.start, end) as source:
+                return await self.remote.upload(source, end - task.input.start, task.display_name)
+        except Exception as exc:
+            return await self._step_failed(
+                job, index, TaskEvent.UPLOAD_FAILED, Step.UPLOADING, classify(exc)
+            )
+
+    async def _create(self, job: Job, index: int) -> StartOutcome:
+        task = job.task(index)
+        assert task.uploaded_file_name and job.model
+        try:
+            batch = await self.remote.create_batch(
+                job.model, task.uploaded_file_name, task.display_name
+            )
+        except Exception as exc:
+            classified = classify(exc)
+            if not classified.definitive:
+                # The create may have happened: look before trying again (never pay twice).
+                found = await self._find_created(task.display_name)
+                if found is not None:
+                    return await self._created(job, index, found.to_batch_dict())
+            deleted = False
+            with contextlib.suppress(Exception):
+                deleted = await self.remote.delete_file(task.uploaded_file_name) or True
+            return await self._step_failed(
+                job,
+                index,
+                TaskEvent.CREATE_FAILED,
+                Step.SUBMITTING,
+                classified,
+                input_deleted=deleted,
+            )
+        return await self._created(job, index, batch.to_batch_dict())
+
+    async def _find_created(self, name: str) -> Any:
+        for _ in range(3):
+            try:
+                return (await self.remote.find_batches({name})).get(name)
+            except Exception:
+                await asyncio.sleep(1.0)
+        return None
+
+    async def _created(self, job: Job, index: int, batch: dict[str, Any]) -> StartOutcome:
+        result = await self._apply(
+            {job.id: self._change(reducers.created, index, batch, self.clock())}
+        )
+        ok = job.id in result.records and job.id not in result.errors
+        message = f"submitted {batch['name']}" if ok else str(result.errors.get(job.id))
+        return StartOutcome(job.id, index, job.input_file, ok, message, batch_name=batch["name"])
+
+    async def _step_failed(
+        self,
+        job: Job,
+        index: int,
+        event: TaskEvent,
+        step: Step,
+        classified: Classified,
+        *,
+        input_deleted: bool = False,
+    ) -> StartOutcome:
+        task = job.task(index)
+        # Creates count against the job's attempts; uploads and downloads have their own
+        # counters, so a flaky network never uses up the user's retry budget.
+        attempts = task.attempt if event is TaskEvent.CREATE_FAILED else task.step_failures + 1
+        config = job.retry_config
+        if event is TaskEvent.DOWNLOAD_FAILED:
+            config = RetryConfig(
+                max_attempts=self.settings.max_download_attempts,
+                retry_interval=self.settings.download_retry_interval,
+                retry_on_errors=(*config.retry_on_errors, ErrorClass.DOWNLOAD, ErrorClass.LOCAL_IO),
+            )
+        decision = decide(
+            config, classified.error_class, attempts, classified.retry_after, self.rng
+        )
+        info = error_info(
+            classified, step=step.value, attempt=task.attempt, task=index, now=self.clock()
+        )
+        now = self.clock()
+        await self._apply(
+            {
+                job.id: self._change(
+                    reducers.step_failed,
+                    index,
+                    event,
+                    info,
+                    decision,
+                    now,
+                    input_deleted=input_deleted,
+                )
+            }
+        )
+        message = f"{_headline(classified)} ({decision.reason})"
+        retry_at = now + decision.delay if decision.retry else None
+        return StartOutcome(job.id, index, job.input_file, False, message, retry_at=retry_at)
+
+    # -- poll --------------------------------------------------------------------------------
+    async def poll(self, report: CycleReport) -> None:
+        """batches.get for every live task at once (bounded by the Remote's concurrency);
+        every outcome goes into ONE ledger write."""
+        now = self.clock()
+        jobs = await self._jobs()
+        targets = [
+            (job, task)
+            for job in jobs
+            for task in job.tasks
+            if task.state is TaskState.SUBMITTED
+            and task.batch_name
+            and (not task.not_before or task.not_before <= now)
+        ]
+        await self._send_cancels(report, jobs)
+        if not targets:
+            return
+        results = await asyncio.gather(
+            *(self.remote.get_batch(task.batch_name) for _, task in targets),  # type: ignore[arg-type]
+            return_exceptions=True,
+        )
+        now = self.clock()
+        changes: dict[str, list[Change]] = {}
+        for (job, task), result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException):
+                classified = classify(result)
+                info = error_info(
+                    classified,
+                    step=Step.PROCESSING.value,
+                    attempt=task.attempt,
+                    task=task.index,
+                    now=now,
+                )
+                delay = max(
+                    classified.retry_after or 0.0,
+                    backoff(
+                        RetryConfig(
+                            retry_interval=self.settings.poll_retry_interval, max_interval=300.0
+                        ),
+                        task.step_failures + 1,
+                        self.rng,
+                    ),
+                )
+                change = self._change(reducers.poll_failed, task.index, info, delay, now)
+                report.errors.append((job.id, f"{job.input_file}: {classified.message}"))
+            else:
+                seen = result.to_batch_dict()
+                if _unchanged(task, seen):
+                    continue  # nothing moved: no write (most cycles of a long wait)
+                change = self._change(reducers.polled, task.index, seen, result.counts, now)
+            changes.setdefault(job.id, []).append(change)
+        report.polled += len(targets)
+        if changes:
+            outcome = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+            _report_apply_errors(outcome, report)
+
+    async def _send_cancels(self, report: CycleReport, jobs: list[Job] | None = None) -> None:
+        """Cancel remotely every live batch of a cancelling job that has not been cancelled
+        yet (e.g. one whose create was in flight when the user cancelled)."""
+        pending = [
+            (job, task)
+            for job in (jobs if jobs is not None else await self._jobs())
+            if job.status is JobStatus.CANCELLING
+            for task in job.tasks
+            if task.state is TaskState.SUBMITTED
+            and task.batch_name
+            and not task.extra.get("cancel_sent")
+        ]
+        if not pending:
+            return
+        changes: dict[str, list[Change]] = {}
+        for job, task in pending:
+            try:
+                await self.remote.cancel_batch(task.batch_name)  # type: ignore[arg-type]
+            except Exception as exc:
+                report.errors.append((job.id, f"{job.input_file}: cancel: {classify(exc).message}"))
+                continue
+            changes.setdefault(job.id, []).append(
+                self._change(reducers.cancel_sent, task.index, self.clock())
+            )
+        if changes:
+            await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+
+    # -- download ----------------------------------------------------------------------------
+    async def download(self, report: CycleReport) -> None:
+        now = self.clock()
+        claims: dict[str, list[Change]] = {}
+        targets = []
+        for job in await self._jobs():
+            for task in job.tasks:
+                if task.state is TaskState.SUCCEEDED and (
+                    not task.not_before or task.not_before <= now
+                ):
+                    claims.setdefault(job.id, []).append(
+                        self._change(reducers.claim_download, task.index, self.owner, now)
+                    )
+                    targets.append((job.id, task.index))
+        if not targets:
+            return
+        result = await self._apply({jid: _chain(fs) for jid, fs in claims.items()})
+        gate = asyncio.Semaphore(self.settings.download_concurrency)
+
+        async def run(job_id: str, index: int) -> None:
+            if job_id not in result.records or job_id in result.errors:
+                return
+            async with gate:
+                job = Job.from_record(result.records[job_id])
+                message = await self._download_task(job, index)
+                if message:
+                    report.errors.append((job_id, message))
+
+        await asyncio.gather(*(run(job_id, index) for job_id, index in targets))
+
+    async def _download_task(self, job: Job, index: int) -> str | None:
+        """Stream the results beside their destination, verify every key, then rename.
+        An interrupted or incomplete download never leaves a file under the final name."""
+        task = job.task(index)
+        part = part_path(job, task)
+        try:
+            if not task.output_file:
+                raise _DownloadIncomplete("the batch succeeded but names no output file")
+            part.parent.mkdir(parents=True, exist_ok=True)
+            expected = await asyncio.to_thread(_expected_keys, task)
+            with fsutil.atomic_writer(part) as handle:
+                size = await self.remote.download(task.output_file, handle)
+                handle.flush()
+                if size and _last_byte(handle.name) != b"\n":
+                    handle.write(b"\n")  # a complete last line without its newline
+                    handle.flush()
+                verdict = await asyncio.to_thread(verify_output, Path(handle.name), expected)
+                if not verdict.ok:
+                    raise _DownloadIncomplete(verdict.describe())
+        except Exception as exc:
+            classified = (
+                Classified(ErrorClass.DOWNLOAD, "DOWNLOAD_INCOMPLETE", str(exc))
+                if isinstance(exc, _DownloadIncomplete)
+                else classify(exc)
+            )
+            outcome = await self._step_failed(
+                job, index, TaskEvent.DOWNLOAD_FAILED, Step.DOWNLOADING, classified
+            )
+            return f"{job.input_file}: download failed: {outcome.message}"
+        counts = RequestCounts(
+            total=verdict.succeeded + verdict.failed,
+            succeeded=verdict.succeeded,
+            failed=verdict.failed,
+        )
+        await self._apply(
+            {job.id: self._change(reducers.downloaded, index, str(part), counts, self.clock())}
+        )
+        return None
+
+    # -- cleanup -----------------------------------------------------------------------------
+    async def cleanup_finished(self, report: CycleReport) -> None:
+        """Delete the remote input and batch of tasks whose results are safe on disk, and of
+        tasks that ended without results. Never for a download that failed: its results
+        still exist only remotely."""
+        targets = []
+        for job in await self._jobs():
+            for task in job.tasks:
+                names = cleanup_targets(task, self.settings.max_cleanup_attempts)
+                if names or task.state is TaskState.DOWNLOADED:
+                    targets.append((job, task, names))
+        if not targets:
+            return
+
+        async def run(task_names: dict[str, str]) -> tuple[dict[str, bool], list[str]]:
+            done, errors = {}, []
+            for kind, name in task_names.items():
+                try:
+                    if kind == "batch":
+                        await self.remote.delete_batch(name)
+                    else:
+                        await self.remote.delete_file(name)
+                    done[kind] = True
+                except Exception as exc:
+                    done[kind] = False
+                    errors.append(f"delete {name}: {classify(exc).message}")
+            return done, errors
+
+        outcomes = await asyncio.gather(*(run(names) for _, _, names in targets))
+        now = self.clock()
+        changes: dict[str, list[Change]] = {}
+        for (job, task, _), (done, errors) in zip(targets, outcomes, strict=True):
+            changes.setdefault(job.id, []).append(
+                self._change(reducers.cleaned, task.index, done, errors, now)
+            )
+            report.errors += [(job.id, f"{job.input_file}: cleanup: {e}") for e in errors]
+        result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+        _report_apply_errors(result, report)
+
+    # -- finalize ----------------------------------------------------------------------------
+    async def finalize(self, report: CycleReport) -> None:
+        for job in await self._jobs():
+            if not reducers.needs_finalize(job):
+                continue
+            try:
+                await self._finalize_job(job)
+            except Exception as exc:
+                report.errors.append((job.id, f"{job.input_file}: finalize: {exc}"))
+
+    async def _finalize_job(self, job: Job) -> None:
+        merged_before = [t for t in job.tasks if t.extra.get("merged")]
+        new_parts = [
+            t for t in job.tasks if t.state is TaskState.DONE and not t.extra.get("merged")
+        ]
+        result_file = Path(job.result_file or results_path(Path(job.input_file)))
+        lines = None
+        if new_parts:
+            paths = [Path(t.part_file) for t in new_parts if t.part_file]
+            if not merged_before and len(paths) == 1 and not result_file.exists():
+                result_file.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(paths[0], result_file)  # one task: the verified part is the result
+                fsutil.fsync_dir(result_file.parent)
+            else:
+                base = [result_file] if merged_before and result_file.exists() else []
+                await asyncio.to_thread(merge_results, base + paths, result_file)
+                for path in paths:
+                    path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty: other jobs' parts may be there
+            work_dir(job).rmdir()
+        if result_file.exists():
+            lines = await asyncio.to_thread(_count_lines, result_file)
+        complete = lines is not None and lines == job.count
+        now = self.clock()
+        indexes = [t.index for t in new_parts]
+
+        def change(record: Record) -> Record:
+            fresh = Job.from_record(record)
+            fresh = reducers.mark_merged(fresh, indexes, now)
+            fresh.result_file = str(result_file) if result_file.exists() else fresh.result_file
+            return reducers.finalize(fresh, now, results_complete=complete).to_record()
+
+        result = await self._apply({job.id: change})
+        if job.id in result.errors:
+            raise result.errors[job.id]
+        finished = Job.from_record(result.records[job.id])
+        if (
+            finished.status is JobStatus.COMPLETED
+            and finished.requests.failed
+            and finished.retry_config.retry_failed_requests
+            and sum(1 for t in finished.tasks if t.input.keys_from is not None)
+            < finished.retry_config.max_attempts - 1
+        ):
+            await self.retry(finished.id)
+
+    # -- user actions ------------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job: pending work stops now; live batches are cancelled remotely and the
+        job ends when Gemini confirms (results already produced are still collected)."""
+        result = await self._apply({job_id: self._change(reducers.cancel, self.clock())})
+        if job_id in result.errors:
+            raise result.errors[job_id]
+        if job_id not in result.records:
+            raise KeyError(job_id)
+        report = CycleReport()
+        await self._send_cancels(report)
+        if report.errors:
+            raise RuntimeError("; ".join(message for _, message in report.errors))
+        return Job.from_record(result.records[job_id])
+
+    async def retry(self, job_id: str) -> Job:
+        """New work for a finished job: failed or cancelled tasks get new batches, and the
+        requests that failed inside a succeeded batch go into one new task."""
+        jobs = {j.id: j for j in await self._jobs()}
+        job = jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        failed_input = None
+        if job.status is JobStatus.COMPLETED and job.result_file and Path(job.result_file).exists():
+            keys = await asyncio.to_thread(failed_keys, Path(job.result_file))
+            if keys:
+                rounds = 1 + sum(1 for t in job.tasks if t.input.keys_from is not None)
+                dest = work_dir(job) / f"{_stem(job)}.{job.id}.retry{rounds}.jsonl"
+                source = job.input_path or job.input_file
+                count = await asyncio.to_thread(write_subset, source, set(keys), dest)
+                failed_input = TaskInput(
+                    path=str(dest), start=0, end=None, count=count, keys_from=-1
+                )
+        result = await self._apply(
+            {job_id: self._change(reducers.retry, self.clock(), failed_input)}
+        )
+        if job_id in result.errors:
+            raise result.errors[job_id]
+        return Job.from_record(result.records[job_id])
+
+    async def cleanup_remote(self, job_ids: Collection[str] | None = None) -> list[str]:
+        """Delete what finished jobs left remotely (inputs, batches, outputs) and say what."""
+        report = CycleReport()
+        await self.cleanup_finished(report)
+        return [message for _, message in report.errors]
+
+
+class _DownloadIncomplete(Exception):
+    pass
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def results_path(input_path: Path) -> Path:
+    """`<input dir>/results/<input name>` (seed 000)."""
+    return input_path.parent / "results" / input_path.name
+
+
+def work_dir(job: Job) -> Path:
+    return Path(job.result_file or results_path(Path(job.input_file))).parent / WORK_DIR
+
+
+def part_path(job: Job, task: Any) -> Path:
+    return work_dir(job) / f"{_stem(job)}.{job.id}.t{task.index}a{task.attempt}.jsonl"
+
+
+def _stem(job: Job) -> str:
+    return Path(job.input_file).name.removesuffix(".jsonl")
+
+
+def cleanup_targets(task: Any, max_attempts: int) -> dict[str, str]:
+    """The remote resources a task still owns and may now delete."""
+    if int(task.extra.get("cleanup_attempts", 0)) >= max_attempts:
+        return {}  # left for `gembatch cleanup`
+    failed_download = (
+        task.state is TaskState.FAILED
+        and task.error is not None
+        and task.error.error_class in (ErrorClass.DOWNLOAD, ErrorClass.LOCAL_IO)
+    )
+    if failed_download:
+        return {}  # the only copy of those results is remote: never delete it
+    if task.state not in (
+        TaskState.DOWNLOADED,
+        TaskState.DONE,
+        TaskState.FAILED,
+        TaskState.CANCELLED,
+    ):
+        return {}
+    names = {}
+    if task.uploaded_file_name and not task.cleaned.get("input_file"):
+        names["input_file"] = task.uploaded_file_name
+    if task.batch_name and not task.cleaned.get("batch"):
+        names["batch"] = task.batch_name
+    if (
+        task.output_file
+        and task.state in (TaskState.DOWNLOADED, TaskState.DONE)
+        and "output_file" not in task.cleaned
+    ):
+        names["output_file"] = task.output_file
+    if task.state is TaskState.DONE and not task.extra.get("cleanup_errors"):
+        return {}
+    return names
+
+
+def _expected_keys(task: Any) -> set[str]:
+    end = task.input.end
+    return set(iter_keys(task.input.path, task.input.start, end))
+
+
+def _unchanged(task: Any, seen: dict[str, Any]) -> bool:
+    """batches.get told us nothing new about a task that had no pending error. A terminal
+    remote state always goes through the reducer: the task may have learnt it elsewhere
+    (a reconcile by display name) without having acted on it."""
+    return (
+        not RemoteState.parse(seen.get("state")).terminal
+        and seen == task.batch
+        and task.error is None
+        and not task.step_failures
+        and task.not_before is None
+    )
+
+
+def _last_byte(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            count += block.count(b"\n")
+    return count
+
+
+def _chain(changes: list[Change]) -> Change:
+    """Several changes to one record, applied in order within one transaction."""
+
+    def change(record: Record) -> Record | None:
+        current: Record | None = record
+        for step in changes:
+            current = step(current) or current  # type: ignore[arg-type]
+        return current
+
+    return change
+
+
+def _duplicate_of(item: ValidatedInput, jobs: list[Job]) -> Job | None:
+    for job in jobs:
+        if job.input_path and os.path.realpath(job.input_path) == str(item.path):
+            return job
+        if job.sha256 and job.sha256 == item.sha256:
+            return job
+        if not job.input_path and job.input_file:  # the original tool's records: by path
+            with contextlib.suppress(OSError):
+                if os.path.realpath(job.input_file) == str(item.path):
+                    return job
+    return None
+
+
+def _why(job: Job) -> str:
+    if job.status is JobStatus.COMPLETED:
+        where = f"; results in {job.result_file}" if job.result_file else ""
+        return f"already done as job {job.id}{where}"
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        return (
+            f"already submitted as job {job.id}, which {job.status.value}; "
+            f"run `gembatch retry {job.id}` or submit with --force"
+        )
+    return f"already submitted as job {job.id} ({job.status.value})"
+
+
+def _headline(classified: Classified) -> str:
+    """`429 RESOURCE_EXHAUSTED: You exceeded your quota...`: the code first, for scanning."""
+    if classified.code and classified.code not in classified.message:
+        return f"{classified.code}: {classified.message}"
+    return classified.message
+
+
+def _report_apply_errors(result: Any, report: CycleReport) -> None:
+    for job_id, exc in result.errors.items():
+        if isinstance(exc, InvalidTransition):
+            report.errors.append((job_id, f"refused: {exc}"))
+        else:
+            report.errors.append((job_id, f"internal error: {exc!r}"))
+
+
+__all__ = [
+    "AddResult",
+    "CycleReport",
+    "Decision",
+    "Engine",
+    "EngineSettings",
+    "StartOutcome",
+    "now_iso",
+    "results_path",
+]
