@@ -192,6 +192,9 @@ class TaskEvent(StrEnum):
     CLEANED = "cleaned"
     RELEASE = "release"  # a dead owner's claim is handed back after reconciling
     CANCEL = "cancel"
+    # Every key of the task is already in the job's results on disk while the ledger
+    # (restored from a backup) still says it runs; never while its batch may be running.
+    RECOVERED = "recovered"
 
 
 S = JobStatus
@@ -252,6 +255,18 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], frozenset[TaskState]] = {
     (T.SUCCEEDED, TaskEvent.CANCEL): frozenset({T.SUCCEEDED}),  # results exist: keep them
     (T.DOWNLOADING, TaskEvent.CANCEL): frozenset({T.DOWNLOADING}),
     (T.DOWNLOADED, TaskEvent.CANCEL): frozenset({T.DOWNLOADED}),
+    **{
+        (state, TaskEvent.RECOVERED): frozenset({T.DOWNLOADED})
+        for state in (
+            T.NEW,
+            T.UPLOADING,
+            T.UPLOADED,
+            T.CREATING,
+            T.SUBMITTED,
+            T.SUCCEEDED,
+            T.DOWNLOADING,
+        )
+    },
 }
 
 

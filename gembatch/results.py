@@ -375,6 +375,16 @@ class JoinSummary:
     missing: list[str] = field(default_factory=list)
 
 
+def key_outcomes(path: Path) -> dict[str, bool]:
+    """key -> failed, for every result line (a success beats an error)."""
+    outcomes: dict[str, bool] = {}
+    for _, _, _, parsed in _iter_results(path):
+        if parsed is not None:
+            key, failed = parsed
+            outcomes[key] = outcomes.get(key, True) and failed
+    return outcomes
+
+
 def index_results(path: Path) -> dict[str, tuple[int, int]]:
     """key -> (offset, length) of its line; a success beats an error, a later line an
     earlier one (the same rule as merge_results)."""

@@ -43,7 +43,7 @@ from gembatch.jobs import (
     now_iso,
 )
 from gembatch.ledger import Record
-from gembatch.results import failed_keys, merge_results, verify_output
+from gembatch.results import failed_keys, key_outcomes, merge_results, verify_output
 from gembatch.retry import Decision, backoff, decide
 
 Change = Callable[[Record], Record | None]
@@ -113,19 +113,26 @@ class Engine:
         role: str = "engine",
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        generation: int = 0,
     ) -> None:
         self.ledger = ledger
         self.remote = remote
         self.settings = settings or EngineSettings()
-        self.owner = current_owner(role)
+        # The ledger's restore generation: a claim recorded under another generation (in a
+        # backup since restored) belongs to no live process, whatever its pid says.
+        self.generation = generation
+        self.owner = {**current_owner(role), "generation": generation}
         self.clock = clock
         self.rng = rng or random.Random()
         self.problems: list[str] = []
+        self._restore_checked = generation == 0
 
     # -- reading -----------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
         """Every job in the ledger; records that cannot be read are noted in `problems`."""
-        snapshot = self.ledger.load()
+        return self._jobs_from(self.ledger.load())
+
+    def _jobs_from(self, snapshot: Any) -> list[Job]:
         jobs, self.problems = [], [f"line {p.line}: {p.message}" for p in snapshot.problems]
         for record in snapshot.records:
             try:
@@ -134,8 +141,14 @@ class Engine:
                 self.problems.append(f"job {record.get('id')}: unreadable record ({exc})")
         return jobs
 
+    def active_jobs(self) -> list[Job]:
+        """Unfinished jobs only: what each cycle works on (a service's ledger may hold
+        years of finished ones)."""
+        load = getattr(self.ledger, "load_active", self.ledger.load)
+        return self._jobs_from(load())
+
     async def _jobs(self) -> list[Job]:
-        return await asyncio.to_thread(self.jobs)
+        return await asyncio.to_thread(self.active_jobs)
 
     async def _apply(self, changes: Mapping[str, Change]) -> Any:
         return await asyncio.to_thread(self.ledger.apply, changes)
@@ -162,25 +175,30 @@ class Engine:
         retry_config: RetryConfig | None = None,
         max_parallel_tasks: int | None = None,
         force: bool = False,
+        job_ids: Sequence[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        result_files: Sequence[str] | None = None,
     ) -> list[AddResult]:
         """Record validated inputs as pending jobs; the same input (by path or by content)
-        is not submitted twice unless `force`."""
+        is not submitted twice unless `force`. `job_ids`, `result_files` (one per input)
+        and `extra` (fields kept in every new record, e.g. a service's `user_id`) are for
+        callers that name jobs themselves."""
         results: list[AddResult] = []
 
-        def select(records: list[Record]) -> Mapping[str, Change]:
+        def select(records: list[Record]) -> tuple[Mapping[str, Change], list[Record]]:
             existing = []
             for record in records:
                 with contextlib.suppress(KeyError, ValueError, TypeError):
                     existing.append(Job.from_record(record))
             now = self.clock()
             new_records = []
-            for item in inputs:
+            for position, item in enumerate(inputs):
                 duplicate = None if force else _duplicate_of(item, existing)
                 if duplicate is not None:
                     results.append(AddResult(item, existing=duplicate, reason=_why(duplicate)))
                     continue
                 job = reducers.new_job(
-                    job_id=reducers.new_job_id(),
+                    job_id=job_ids[position] if job_ids else reducers.new_job_id(),
                     input_file=item.display,
                     input_path=str(item.path),
                     sha256=item.sha256,
@@ -193,15 +211,16 @@ class Engine:
                     priority=priority,
                     retry_config=retry_config or RetryConfig(),
                     max_parallel_tasks=max_parallel_tasks,
-                    result_file=str(results_path(item.path)),
+                    result_file=(
+                        result_files[position] if result_files else str(results_path(item.path))
+                    ),
                     now=now,
                 )
+                job.extra.update(extra or {})
                 existing.append(job)
                 new_records.append(job.to_record())
                 results.append(AddResult(item, job=job))
-            if new_records:
-                self.ledger.add_many(new_records)
-            return {}
+            return {}, new_records
 
         self.ledger.transact(select)
         return results
@@ -210,7 +229,9 @@ class Engine:
     async def cycle(self, *, start: bool = True) -> CycleReport:
         """One pass over the ledger: reconcile, start, poll, download, clean up, finalize."""
         report = CycleReport()
-        before = {j.id: j.status for j in await self._jobs()}
+        before = {j.id for j in await self._jobs()}
+        if not self._restore_checked:
+            await self.recover_after_restore(report)
         await self.reconcile(report)
         if start:
             report.started = await self.start()
@@ -220,19 +241,9 @@ class Engine:
         await self.cleanup_finished(report)
         await self.finalize(report)
         jobs = await self._jobs()
-        report.finished = [
-            j.id
-            for j in jobs
-            if j.status.terminal and not before.get(j.id, JobStatus.PENDING).terminal
-        ]
-        report.unfinished = sum(1 for j in jobs if not j.status.terminal)
-        due = [
-            t.not_before
-            for j in jobs
-            if not j.status.terminal
-            for t in j.tasks
-            if t.not_before and not t.state.terminal
-        ]
+        report.finished = sorted(before - {j.id for j in jobs})
+        report.unfinished = len(jobs)
+        due = [t.not_before for j in jobs for t in j.tasks if t.not_before and not t.state.terminal]
         report.next_due = min(due) if due else None
         return report
 
@@ -245,7 +256,7 @@ class Engine:
             for task in job.tasks
             if task.state in (TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING)
             and not is_mine(task.owner, self.owner)
-            and not owner_alive(task.owner)
+            and self._stale(task.owner)
         ]
         if not stale:
             return
@@ -292,15 +303,75 @@ class Engine:
         result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
         _report_apply_errors(result, report)
 
+    async def recover_after_restore(self, report: CycleReport) -> None:
+        """After `gembatch db restore`, the ledger may say "to do" for work that finished
+        after the backup was taken: its results are in the job's result file and its
+        remote batch and files may be gone. Such tasks are recognised once, before
+        anything is submitted again (never pay twice). Tasks whose batch may still be
+        running are left to the poll, which recovers them if the batch is gone."""
+        recoverable = (
+            TaskState.NEW,
+            TaskState.UPLOADING,
+            TaskState.UPLOADED,
+            TaskState.CREATING,
+            TaskState.SUCCEEDED,
+            TaskState.DOWNLOADING,
+        )
+        found: list[tuple[Job, Any, RequestCounts]] = []
+        for job in await self._jobs():
+            outcomes: dict[str, bool] | None = None
+            for task in job.tasks:
+                if task.state not in recoverable:
+                    continue
+                if outcomes is None:
+                    outcomes = await asyncio.to_thread(_result_outcomes, job)
+                counts = await asyncio.to_thread(_covered, task, outcomes)
+                if counts is not None:
+                    found.append((job, task, counts))
+        if found:
+            creating = {t.display_name for _, t, _ in found if t.state is TaskState.CREATING}
+            try:
+                batches = await self.remote.find_batches(creating) if creating else {}
+            except Exception as exc:  # try again next cycle; never guess
+                report.errors.append(("", f"restore check: {classify(exc).message}"))
+                return
+            now = self.clock()
+            changes: dict[str, list[Change]] = {}
+            for job, task, counts in found:
+                batch = batches.get(task.display_name)
+                if batch is not None and not batch.state.terminal:
+                    continue  # a live batch: reconcile records it; its results merge later
+                change = self._change(
+                    reducers.recovered,
+                    task.index,
+                    counts,
+                    batch.name if batch is not None else None,
+                    now,
+                    "every key already in the result file (ledger restored from a backup)",
+                )
+                changes.setdefault(job.id, []).append(change)
+            if changes:
+                result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+                _report_apply_errors(result, report)
+        self._restore_checked = True
+
+    def _stale(self, owner: Any) -> bool:
+        if isinstance(owner, dict) and owner.get("generation", 0) != self.generation:
+            return True
+        return not owner_alive(owner)
+
     # -- start: upload + create --------------------------------------------------------------
-    async def start(self, job_ids: Collection[str] | None = None) -> list[StartOutcome]:
+    async def start(
+        self, job_ids: Collection[str] | None = None, gate: asyncio.Semaphore | None = None
+    ) -> list[StartOutcome]:
         """Upload and create batches for due tasks, highest priority first, while fewer
         than `max_live_batches` remote batches are live and within each job's
-        `max_parallel_tasks`."""
+        `max_parallel_tasks`. `gate` bounds concurrent uploads and creates; give one to
+        share it between concurrent calls (the service starts in the background)."""
         claimed = await asyncio.to_thread(self._claim_starts, job_ids)
         if not claimed:
             return []
-        gate = asyncio.Semaphore(self.settings.upload_concurrency)
+        gate = gate or asyncio.Semaphore(self.settings.upload_concurrency)
 
         async def run(job: Job, index: int) -> StartOutcome:
             async with gate:
@@ -326,13 +397,16 @@ class Engine:
                     continue
                 if job_ids is not None and job.id not in job_ids:
                     continue
-                live = sum(1 for t in job.tasks if t.live or t.state is TaskState.UPLOADING)
-                room = (job.max_parallel_tasks or 1_000_000) - live
+                busy_tasks = [t for t in job.tasks if t.live or t.state is TaskState.UPLOADING]
+                room = (job.max_parallel_tasks or 1_000_000) - len(busy_tasks)
+                budget = _InFlight(job, busy_tasks)
                 for task in job.tasks:
                     if room <= 0:
                         break
                     due = not task.not_before or task.not_before <= now
                     if task.state in (TaskState.NEW, TaskState.UPLOADED) and due:
+                        if not budget.admit(task):
+                            break  # FIFO within the job: later tasks wait their turn
                         candidates.append((-job.priority, job.created_at or "", task.index, job))
                         room -= 1
             candidates.sort(key=lambda c: c[:3])
@@ -502,6 +576,17 @@ class Engine:
         now = self.clock()
         changes: dict[str, list[Change]] = {}
         for (job, task), result in zip(targets, results, strict=True):
+            if getattr(result, "code", None) == 404:
+                counts = await asyncio.to_thread(
+                    lambda j=job, t=task: _covered(t, _result_outcomes(j))
+                )
+                if counts is not None:  # gone, but its results are safe: restored ledger
+                    change = self._change(
+                        reducers.recovered, task.index, counts, None, now,
+                        "batch gone and every key already in the result file",
+                    )  # fmt: skip
+                    changes.setdefault(job.id, []).append(change)
+                    continue
             if isinstance(result, BaseException):
                 classified = classify(result)
                 info = error_info(
@@ -742,10 +827,12 @@ class Engine:
     async def retry(self, job_id: str) -> Job:
         """New work for a finished job: failed or cancelled tasks get new batches, and the
         requests that failed inside a succeeded batch go into one new task."""
-        jobs = {j.id: j for j in await self._jobs()}
-        job = jobs.get(job_id)
-        if job is None:
+        # Finished jobs are what retry is for: look the job up itself (active_jobs leaves
+        # finished ones out).
+        record = await asyncio.to_thread(self.ledger.find_by_id, job_id)
+        if record is None:
             raise KeyError(job_id)
+        job = Job.from_record(record)
         failed_input = None
         if job.status is JobStatus.COMPLETED and job.result_file and Path(job.result_file).exists():
             keys = await asyncio.to_thread(failed_keys, Path(job.result_file))
@@ -829,9 +916,63 @@ def cleanup_targets(task: Any, max_attempts: int) -> dict[str, str]:
     return names
 
 
+def _result_outcomes(job: Job) -> dict[str, bool]:
+    """key -> failed in the job's result file ({} when there is none yet)."""
+    if not job.result_file or not os.path.isfile(job.result_file):
+        return {}
+    return key_outcomes(Path(job.result_file))
+
+
+def _covered(task: Any, outcomes: dict[str, bool]) -> RequestCounts | None:
+    """The task's counts when every one of its keys is in `outcomes`, else None. A task
+    that retries failed requests is never covered: its keys are in the file as failures."""
+    if not outcomes or task.input.keys_from is not None:
+        return None
+    expected = _expected_keys(task)
+    if not expected or not expected <= outcomes.keys():
+        return None
+    failed = sum(1 for key in expected if outcomes[key])
+    return RequestCounts(total=len(expected), succeeded=len(expected) - failed, failed=failed)
+
+
 def _expected_keys(task: Any) -> set[str]:
     end = task.input.end
     return set(iter_keys(task.input.path, task.input.start, end))
+
+
+class _InFlight:
+    """A job's resource limits in Gemini's units (seed 004): requests and estimated tokens
+    in live batches. A task larger than the limit still runs when nothing else is in
+    flight, so a job can never wait forever."""
+
+    def __init__(self, job: Job, busy: list[Any]) -> None:
+        limits = job.extra.get("resource_limits") or {}
+        self.max_requests = limits.get("max_requests_in_flight")
+        self.max_tokens = limits.get("max_tokens_in_flight")
+        self.requests = sum(t.input.count for t in busy)
+        self.tokens = sum(_task_tokens(t) for t in busy)
+
+    def admit(self, task: Any) -> bool:
+        requests, tokens = task.input.count, _task_tokens(task)
+        nothing_in_flight = self.requests == 0 and self.tokens == 0
+        if not nothing_in_flight and (
+            (self.max_requests and self.requests + requests > self.max_requests)
+            or (self.max_tokens and self.tokens + tokens > self.max_tokens)
+        ):
+            return False
+        self.requests += requests
+        self.tokens += tokens
+        return True
+
+
+def _task_tokens(task: Any) -> int:
+    """Estimated tokens of a task's input: bytes / 4, as `inputs.estimate_tokens` does."""
+    if task.input.end is not None:
+        return max(1, (task.input.end - task.input.start) // 4)
+    try:
+        return max(1, (os.path.getsize(task.input.path) - task.input.start) // 4)
+    except OSError:
+        return 1
 
 
 def _unchanged(task: Any, seen: dict[str, Any]) -> bool:

@@ -52,7 +52,7 @@ def _pure(reducer: F) -> F:
 
 # The step a task in each state shows; a job shows the least advanced of its tasks.
 _STEP_OF_TASK: dict[TaskState, Step] = {
-    TaskState.NEW: Step.QUEUED,
+    TaskState.NEW: Step.VALIDATING,  # checked at submit, waiting for its upload
     TaskState.UPLOADING: Step.UPLOADING,
     TaskState.UPLOADED: Step.SUBMITTING,
     TaskState.CREATING: Step.SUBMITTING,
@@ -95,7 +95,7 @@ def new_job(
         id=job_id,
         input_file=input_file,
         status=job_transition(None, JobEvent.CREATE) or JobStatus.PENDING,
-        step=Step.QUEUED,
+        step=Step.VALIDATING,  # checked; "queued" means a remote batch is pending (SPEC §3)
         input_path=input_path,
         sha256=sha256,
         size_bytes=size_bytes,
@@ -157,6 +157,7 @@ def claim_create(job: Job, index: int, owner: dict[str, Any], now: float) -> Job
     _refuse_if_stopping(job, "create")
     task.state = task_transition(task.state, TaskEvent.CLAIM_CREATE, TaskState.CREATING)
     task.owner = {**owner, "intent_at": now_iso(now)}
+    job.attempts = max(job.attempts, task.attempt)  # tried, whether or not Gemini accepts
     return settle(job, now)
 
 
@@ -367,6 +368,27 @@ def downloaded(job: Job, index: int, part_file: str, counts: RequestCounts, now:
     task.error = None
     task.step_failures = 0
     task.not_before = None
+    return settle(job, now)
+
+
+@_pure
+def recovered(
+    job: Job, index: int, counts: RequestCounts, batch_name: str | None, now: float, note: str
+) -> Job:
+    """Every key of the task is already in the job's result file (the ledger was restored
+    from a backup taken before they arrived): nothing to submit or download again; the
+    remote leftovers are cleaned up as after a download."""
+    task = job.task(index)
+    task.state = task_transition(task.state, TaskEvent.RECOVERED, TaskState.DOWNLOADED)
+    task.batch_name = task.batch_name or batch_name
+    task.part_file = None
+    task.requests = counts
+    task.owner = None
+    task.error = None
+    task.step_failures = 0
+    task.not_before = None
+    task.extra["merged"] = True  # its lines are in the result file already
+    task.extra.setdefault("released", []).append({"at": now_iso(now), "note": note})
     return settle(job, now)
 
 

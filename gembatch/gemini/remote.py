@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -28,7 +29,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from gembatch.gemini.errors import is_missing_file
+from gembatch.gemini.errors import classify, is_missing_file
 from gembatch.jobs import RemoteState, RequestCounts
 
 PAGE_SIZE = 100  # the API's maximum page size for files and batches
@@ -97,6 +98,8 @@ class Remote:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._semaphore = asyncio.Semaphore(concurrency)
+        # Calls and failures by SDK method, for `/metrics` (seed 004's resource monitoring).
+        self.stats: dict[str, Counter[str]] = {"calls": Counter(), "errors": Counter()}
         # Several small pools rather than one big one: httpcore scans every connection of
         # a pool (probing each socket) whenever a request starts, so a pool of 32 costs
         # ~4x a pool of 8 per request. Calls go round-robin over the shards.
@@ -140,7 +143,7 @@ class Remote:
         window = _Window(source, size)
         config = {"mime_type": mime_type, "display_name": display_name}
         uploaded = await self._call(
-            lambda: self._client.aio.files.upload(file=window, config=config)
+            "files.upload", lambda: self._client.aio.files.upload(file=window, config=config)
         )
         if not uploaded.name:
             raise RuntimeError("the upload answered without a file name")
@@ -171,7 +174,7 @@ class Remote:
     async def delete_file(self, name: str) -> bool:
         """Delete a file; False if it was already gone (Google says 403 "may not exist")."""
         try:
-            await self._call(lambda: self._client.aio.files.delete(name=name))
+            await self._call("files.delete", lambda: self._client.aio.files.delete(name=name))
         except genai_errors.ClientError as exc:
             if exc.code == 404 or is_missing_file(exc):
                 return False
@@ -184,7 +187,8 @@ class Remote:
         complete."""
         counter = _CountingWriter(destination)
         await self._call(
-            lambda: self._client.aio.files.download(file=file_name, destination=counter)
+            "files.download",
+            lambda: self._client.aio.files.download(file=file_name, destination=counter),
         )
         return counter.written
 
@@ -194,12 +198,15 @@ class Remote:
         definitive, reconcile with `find_batches` before creating again."""
         config = {"display_name": display_name}
         job, raw = await self._call_capturing(
-            lambda: self._client.aio.batches.create(model=model, src=file_name, config=config)
+            "batches.create",
+            lambda: self._client.aio.batches.create(model=model, src=file_name, config=config),
         )
         return _remote_batch(job, raw.get(job.name or ""))
 
     async def get_batch(self, name: str) -> RemoteBatch:
-        job, raw = await self._call_capturing(lambda: self._client.aio.batches.get(name=name))
+        job, raw = await self._call_capturing(
+            "batches.get", lambda: self._client.aio.batches.get(name=name)
+        )
         return _remote_batch(job, raw.get(job.name or name))
 
     async def find_batches(self, display_names: Collection[str]) -> dict[str, RemoteBatch]:
@@ -223,16 +230,16 @@ class Remote:
             pager = await self._client.aio.batches.list(config={"page_size": PAGE_SIZE})
             return [job async for job in pager]
 
-        jobs, raw = await self._call_capturing(collect)
+        jobs, raw = await self._call_capturing("batches.list", collect)
         return [_remote_batch(job, raw.get(job.name or "")) for job in jobs]
 
     async def cancel_batch(self, name: str) -> None:
-        await self._call(lambda: self._client.aio.batches.cancel(name=name))
+        await self._call("batches.cancel", lambda: self._client.aio.batches.cancel(name=name))
 
     async def delete_batch(self, name: str) -> bool:
         """Delete a batch; False if it was already gone (404)."""
         try:
-            await self._call(lambda: self._client.aio.batches.delete(name=name))
+            await self._call("batches.delete", lambda: self._client.aio.batches.delete(name=name))
         except genai_errors.ClientError as exc:
             if exc.code == 404:
                 return False
@@ -253,18 +260,28 @@ class Remote:
         await self.aclose()
 
     # -- helpers -----------------------------------------------------------------------
-    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+    def stats_snapshot(self) -> dict[str, dict[str, int]]:
+        """A copy of the counters: {"calls": {method: n}, "errors": {error class: n}}."""
+        return {kind: dict(counter) for kind, counter in self.stats.items()}
+
+    async def _call(self, method: str, make: Callable[[], Awaitable[T]]) -> T:
+        """Every Gemini call passes here: bounded by the semaphore, and counted."""
         async with self._semaphore:
-            return await make()
+            self.stats["calls"][method] += 1
+            try:
+                return await make()
+            except Exception as exc:  # counted, then passed on untouched
+                self.stats["errors"][classify(exc).error_class.value] += 1
+                raise
 
     async def _call_capturing(
-        self, make: Callable[[], Awaitable[T]]
+        self, method: str, make: Callable[[], Awaitable[T]]
     ) -> tuple[T, dict[str, dict[str, Any]]]:
         """Run an SDK call and return its result with the raw Operations it received."""
         captured: dict[str, dict[str, Any]] = {}
         token = _raw_operations.set(captured)
         try:
-            result = await self._call(make)
+            result = await self._call(method, make)
         finally:
             _raw_operations.reset(token)
         return result, captured
@@ -274,7 +291,7 @@ class Remote:
             pager = await self._client.aio.files.list(config={"page_size": PAGE_SIZE})
             return [item async for item in pager]
 
-        return await self._call(collect)
+        return await self._call("files.list", collect)
 
 
 async def _capture_operation(response: httpx2.Response) -> None:

@@ -234,6 +234,9 @@ class _Document:
         return b"\n".join([line.raw for line in self.lines]) + b"\n"
 
 
+_FINISHED = frozenset({"completed", "failed", "cancelled"})
+
+
 @dataclass
 class ApplyResult:
     """What `JsonlLedger.apply` did: the records after the change, by id."""
@@ -241,6 +244,7 @@ class ApplyResult:
     records: dict[str, Record] = field(default_factory=dict)
     errors: dict[str, Exception] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    added: list[bool] = field(default_factory=list)  # transact's new records, as add_many
 
 
 def _check_status_change(old: Record | None, new: Record) -> None:
@@ -403,6 +407,18 @@ class JsonlLedger:
         with self._transaction(write=False) as doc:
             return doc.snapshot()
 
+    def load_active(self) -> LedgerSnapshot:
+        """Like `load`, without finished jobs (what the engine works on each cycle).
+        Records without a status (the original tool's) count as active."""
+        snapshot = self.load()
+        keep = [r.get("status") not in _FINISHED for r in snapshot.records]
+        return LedgerSnapshot(
+            [r for r, k in zip(snapshot.records, keep, strict=True) if k],
+            snapshot.problems,
+            [n for n, k in zip(snapshot.lines, keep, strict=False) if k],
+            snapshot.derived_ids,
+        )
+
     def add(self, record: Record) -> bool:
         _check_id(record)
         with self._transaction() as doc:
@@ -485,17 +501,21 @@ class JsonlLedger:
                 self._write_document(doc)
         return result
 
-    def transact(
-        self, select: Callable[[list[Record]], Mapping[str, Callable[[Record], Record | None]]]
-    ) -> ApplyResult:
+    def transact(self, select: Callable[[list[Record]], Any]) -> ApplyResult:
         """Decide on changes from ALL current records, then apply them, under one lock.
 
         For decisions that depend on the whole ledger, such as claiming tasks only while
         fewer than N remote batches are live: no other process can claim in between.
+        `select` returns a mapping of changes (as for `apply`), or `(changes, new_records)`
+        to also add records in the same transaction (e.g. after a duplicate check).
         """
         with self.locked():
-            changes = select(self.load().records)
-            return self.apply(changes) if changes else ApplyResult()
+            outcome = select(self.load().records)
+            changes, new_records = outcome if isinstance(outcome, tuple) else (outcome, [])
+            result = self.apply(changes) if changes else ApplyResult()
+            if new_records:
+                result.added = self.add_many(new_records)
+            return result
 
     def find_by_input(self, input_file: str) -> Record | None:
         with self._transaction(write=False) as doc:

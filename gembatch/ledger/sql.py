@@ -1,0 +1,1101 @@
+"""The SQL ledger: the HTTP service's job record, on SQLite (one machine) or PostgreSQL.
+
+Why: a service needs what one JSONL file cannot give: per-user queries over years of jobs,
+an event log numbered per job for SSE replay, an audit log that outlives deleted jobs, a
+webhook outbox, and many writers without a whole-file lock. Jobs and tasks are rows that
+keep each record's JSON whole (unknown keys included). A change and the events it causes
+commit in one short transaction, so an event exists iff its change does, and each job's
+event numbers have no gaps. SQLite writes start with `BEGIN IMMEDIATE` (a deferred read
+upgraded to a write can fail however long it waits) and a busy database is retried with
+jittered backoff, so SQLITE_BUSY never reaches a caller.
+
+The engine's part of the interface (`load`, `load_active`, `add`, `add_many`,
+`update_many`, `apply`, `transact`, `find_by_*`) keeps the `Ledger` contract of
+`gembatch.ledger` exactly as `JsonlLedger` does; the rest serves the HTTP service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from gembatch import fsutil
+from gembatch.jobs import (
+    JOB_TRANSITIONS,
+    TERMINAL_STATUSES,
+    InvalidTransition,
+    JobEvent,
+    JobStatus,
+    parse_time,
+)
+from gembatch.ledger import LedgerFileError, LedgerSnapshot, Record, batch_names, record_id
+from gembatch.ledger import migrations as m
+
+# The JSONL ledger's own status guard: both ledgers refuse exactly the same changes.
+from gembatch.ledger.jsonl import ApplyResult, _check_status_change, copy_record
+
+T = TypeVar("T")
+Change = Callable[[Record], Record | None]
+
+TERMINAL = tuple(sorted(status.value for status in TERMINAL_STATUSES))
+# From the transition table: which statuses `prune` may remove (the terminal ones) and
+# which a job may not be deleted in without force (a remote batch may still be working).
+PRUNABLE = tuple(sorted(s.value for s in JobStatus if (s, JobEvent.PRUNE) in JOB_TRANSITIONS))
+_UNDELETABLE = frozenset(s.value for s in JobStatus if (s, JobEvent.DELETE) not in JOB_TRANSITIONS)
+
+DEFAULT_BUSY_TIMEOUT = 10.0
+BUSY_ATTEMPTS = 12  # each attempt already waited `busy_timeout` inside SQLite
+_CHUNK = 500  # ids per `IN (...)`: far below every backend's parameter limit
+_WRITE = "gembatch_write"  # connection option: this transaction writes
+_INT_MAX = 2**31 - 1  # PostgreSQL INTEGER
+
+
+class _EventLike(Protocol):
+    type: str
+    data: dict[str, Any]
+
+
+OnChange = Callable[[Record | None, Record | None], Sequence[_EventLike]]
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One row of a job's event log. `seq` is the job's own gap-free number (the SSE
+    `id`); `id` orders events of all jobs (a cursor for the dispatcher on SQLite)."""
+
+    id: int
+    job_id: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook notification waiting in the outbox (or delivered)."""
+
+    event_id: int
+    url: str
+    job_id: str | None
+    payload: Any
+    attempts: int
+    next_at: float
+    delivered_at: str | None
+    last_error: str | None
+
+
+@dataclass
+class _Row:
+    """A job as stored: the columns the ledger maintains and the assembled record."""
+
+    id: str
+    status: str
+    created_at: str
+    finished_at: str | None
+    last_seq: int
+    record: Record
+
+
+class SqlLedger:
+    """The `Ledger` (and the service's store) over SQLAlchemy Core.
+
+    `url`: `sqlite:///path/to/gembatch.db` (a file: created with its directory if missing)
+    or `postgresql+psycopg://...`. `on_change(old, new)` returns the events a change
+    produces (`gembatch.server.events.events_for`); they are written with the change, in
+    its transaction. It must be pure and fast, like every callback given to `apply` and
+    `transact`: they run while the database is locked for writing.
+
+    Thread-safe; after `fork()` the child opens its own connections. `writes` counts the
+    committed transactions that changed something; `busy_retries` the times a busy SQLite
+    database was waited for again.
+    """
+
+    def __init__(
+        self,
+        url: str | sa.URL,
+        *,
+        on_change: OnChange | None = None,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = sa.make_url(url)
+        self.on_change = on_change
+        self.busy_timeout = float(busy_timeout)
+        self.clock = clock
+        self.writes = 0
+        self.busy_retries = 0
+        self._counters = threading.Lock()
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._sqlite_path: Path | None = None
+        self._engine = self._create_engine()
+        if self._sqlite_path is not None:
+            _SQLITE_LEDGERS.add(self)
+        try:
+            self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqlLedger({self.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> SqlLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- the engine's interface (the Ledger contract) --------------------------------------
+
+    def load(self) -> LedgerSnapshot:
+        """Every job, oldest first (`created_at`, then id). `problems` is always empty: a
+        row cannot hold a record that does not parse."""
+        rows = self._run(lambda conn: self._select(conn, None), write=False)
+        return LedgerSnapshot([row.record for row in rows], [])
+
+    def load_active(self) -> LedgerSnapshot:
+        """Like `load`, without finished jobs (completed, failed, cancelled). Records
+        without a status (the original tool's) count as active, as in JsonlLedger."""
+        rows = self._run(lambda conn: self._select(conn, _ACTIVE), write=False)
+        return LedgerSnapshot([row.record for row in rows], [])
+
+    def add(self, record: Record) -> bool:
+        return self.add_many([record])[0]
+
+    def add_many(self, records: Iterable[Record]) -> list[bool]:
+        """Add records in one transaction; False (and nothing written) for each record
+        whose id exists already, or repeats an id added earlier in the same call."""
+        new = list(records)
+        for record in new:
+            _check_id(record)
+        if not new:
+            return []
+
+        def work(conn: Connection) -> list[bool]:
+            # Checked, then inserted, under SQLite's write lock. PostgreSQL: a concurrent
+            # add of the same id fails this transaction on the primary key (the PostgreSQL
+            # issue adds ON CONFLICT DO NOTHING in a dialect branch).
+            ids = [record_id(record) for record in new]
+            existing = self._existing_ids(conn, ids)
+            added, fresh = [], []
+            for job_id, record in zip(ids, new, strict=True):
+                if job_id in existing:
+                    added.append(False)
+                    continue
+                existing.add(job_id)
+                fresh.append(_normal(_with_id(record, job_id)))
+                added.append(True)
+            if fresh:
+                self._insert(conn, fresh)
+            return added
+
+        return self._run(work, write=True)
+
+    def update_many(self, records: Iterable[Record]) -> int:
+        """Replace whole records by id in one transaction; returns how many ids matched.
+        An illegal status change refuses the whole call (InvalidTransition) and changes
+        nothing; unchanged records are not rewritten; unknown ids are ignored."""
+        updates = list(records)
+        for record in updates:
+            _check_id(record)
+
+        def work(conn: Connection) -> int:
+            ids = [record_id(record) for record in updates]
+            rows = self._rows_by_id(conn, ids, lock=True)
+            planned = []
+            for job_id, record in zip(ids, updates, strict=True):
+                row = rows.get(job_id)
+                if row is None:
+                    continue
+                new = _normal(_with_id(record, job_id))
+                _check_status_change(row.record, new)
+                planned.append((job_id, new))
+            now = self.clock()
+            for job_id, new in planned:
+                row = rows[job_id]
+                if new != row.record:
+                    rows[job_id] = self._update(conn, row, new, self._events(row.record, new), now)
+            return len(planned)
+
+        return self._run(work, write=True)
+
+    def apply(self, changes: Mapping[str, Change]) -> ApplyResult:
+        """Run each change on the CURRENT record of its id, all in ONE transaction.
+
+        A change returns the new record, or None for "no change". If it raises, its job is
+        left as it was and the exception is returned in `errors`; the others still commit.
+        A status change the transition table does not allow is refused the same way (an
+        InvalidTransition, recorded in the audit log). Ids not found go to `missing`. The
+        events `on_change` gives for each changed job are written in the same transaction.
+        """
+        if not changes:
+            return ApplyResult()
+        return self._run(lambda conn: self._apply(conn, changes), write=True)
+
+    def transact(self, select: Callable[[list[Record]], Any]) -> ApplyResult:
+        """Decide on changes from the current records, then apply them, in one write
+        transaction: no other writer can act in between (e.g. claim within a global limit).
+
+        Unlike JsonlLedger, which hands `select` every record, `select` receives only the
+        ACTIVE records (as `load_active`): a service database holds years of finished
+        jobs, and decisions are about unfinished work. `select` returns a mapping of
+        changes (as for `apply`; {} applies nothing), or `(changes, new_records)` to also
+        add records (`result.added`, as `add_many`). It may call this ledger's other
+        methods; they join the same transaction.
+        """
+
+        def work(conn: Connection) -> ApplyResult:
+            self._serialize_decisions(conn)
+            records = [row.record for row in self._select(conn, _ACTIVE)]
+            outcome = select(records)
+            changes, new_records = outcome if isinstance(outcome, tuple) else (outcome, [])
+            result = self._apply(conn, changes) if changes else ApplyResult()
+            if new_records:
+                result.added = self.add_many(new_records)
+            return result
+
+        return self._run(work, write=True)
+
+    def find_by_input(self, input_file: str) -> Record | None:
+        """The oldest job whose `input_file` names the same file (`./a` is `a`)."""
+        key = m.input_key({"input_file": input_file})
+        if key is None:
+            return None
+
+        def work(conn: Connection) -> Record | None:
+            rows = self._select(conn, m.jobs.c.input_file == key, limit=1)
+            return rows[0].record if rows else None
+
+        return self._run(work, write=False)
+
+    def find_by_batch(self, batch_name: str) -> Record | None:
+        """The oldest job that refers to remote batch `batch_name`, at job level (the
+        original tool's `batch.name` / `job_name`) or in one of its tasks."""
+
+        def work(conn: Connection) -> Record | None:
+            in_tasks = sa.select(m.tasks.c.job_id).where(m.tasks.c.batch_name == batch_name)
+            where = sa.or_(m.jobs.c.batch_name == batch_name, m.jobs.c.id.in_(in_tasks))
+            for row in self._select(conn, where):
+                if batch_name in batch_names(row.record):
+                    return row.record
+            return None
+
+        return self._run(work, write=False)
+
+    def find_by_id(self, job_id: str) -> Record | None:
+        return self.get(job_id)
+
+    # -- jobs for the service --------------------------------------------------------------
+
+    def get(self, job_id: str, user_id: str | None = None) -> Record | None:
+        """The job, or None. With `user_id`, another user's job is None too ("not found":
+        its existence is not revealed)."""
+        where = m.jobs.c.id == job_id
+        if user_id is not None:
+            where = sa.and_(where, m.jobs.c.user_id == user_id)
+
+        def work(conn: Connection) -> Record | None:
+            rows = self._select(conn, where)
+            return rows[0].record if rows else None
+
+        return self._run(work, write=False)
+
+    def list_jobs(
+        self,
+        user_id: str | None = None,
+        status: str | Collection[str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Record]:
+        """Jobs newest first, optionally one user's and/or in some statuses (the stored
+        statuses: `cancelling` is its own)."""
+        clauses = []
+        if user_id is not None:
+            clauses.append(m.jobs.c.user_id == user_id)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            clauses.append(m.jobs.c.status.in_(wanted))
+        where = sa.and_(*clauses) if clauses else None
+        order = (m.jobs.c.created_at.desc(), m.jobs.c.id.desc())
+
+        def work(conn: Connection) -> list[Record]:
+            rows = self._select(conn, where, order=order, limit=limit, offset=offset)
+            return [row.record for row in rows]
+
+        return self._run(work, write=False)
+
+    def delete_job(
+        self, job_id: str, *, actor: str, reason: str, force: bool = False
+    ) -> Record | None:
+        """Delete a job with its tasks and events; the audit row written with it survives.
+        Returns the deleted record (None: no such job).
+
+        A running or cancelling job is refused (InvalidTransition, audited) unless
+        `force`: its remote batch may still be working. The service's forced delete
+        cancels first and deletes once the job is cancelled, or passes `force=True`.
+        """
+
+        def work(conn: Connection) -> Record | InvalidTransition | None:
+            rows = self._rows_by_id(conn, [job_id], lock=True)
+            row = rows.get(job_id)
+            if row is None:
+                return None
+            if row.status in _UNDELETABLE and not force:
+                refusal = InvalidTransition("job", row.status, JobEvent.DELETE)
+                self._audit(conn, actor, "refused_transition", job_id, _refusal(refusal, reason))
+                return refusal
+            self._delete(conn, [job_id])
+            detail = {"reason": reason, "status": row.status, "force": force}
+            self._audit(conn, actor, "delete", job_id, detail)
+            return row.record
+
+        outcome = self._run(work, write=True)
+        if isinstance(outcome, InvalidTransition):
+            raise outcome
+        return outcome
+
+    def prune(
+        self,
+        max_age_hours: float,
+        *,
+        now: float | None = None,
+        batch: int = 500,
+        actor: str = "cleaner",
+    ) -> list[str]:
+        """Delete finished jobs (completed, failed, cancelled) that finished more than
+        `max_age_hours` ago, `batch` per transaction, each with its tasks and events and
+        one audit row. Unfinished jobs are never touched. Returns the deleted ids."""
+        cutoff = _iso((self.clock() if now is None else now) - max_age_hours * 3600)
+        deleted: list[str] = []
+
+        def one_batch(conn: Connection) -> list[str]:
+            query = (
+                sa.select(m.jobs.c.id, m.jobs.c.status, m.jobs.c.finished_at)
+                .where(m.jobs.c.status.in_(PRUNABLE), m.jobs.c.finished_at < cutoff)
+                .order_by(m.jobs.c.finished_at, m.jobs.c.id)
+                .limit(batch)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = conn.execute(query).all()
+            ids = [row.id for row in rows]
+            if ids:
+                self._delete(conn, ids)
+                at = _iso(self.clock())
+                conn.execute(
+                    m.audit.insert(),
+                    [
+                        {
+                            "at": at,
+                            "actor": actor,
+                            "action": "prune",
+                            "job_id": row.id,
+                            "detail": {
+                                "status": row.status,
+                                "finished_at": row.finished_at,
+                                "max_age_hours": max_age_hours,
+                            },
+                        }
+                        for row in rows
+                    ],
+                )
+            return ids
+
+        while True:
+            ids = self._run(one_batch, write=True)
+            deleted.extend(ids)
+            if len(ids) < batch:
+                return deleted
+
+    # -- events ----------------------------------------------------------------------------
+
+    def last_seq(self, job_id: str) -> int | None:
+        """The seq of the job's latest event (0: none yet); None: no such job."""
+        query = sa.select(m.jobs.c.last_seq).where(m.jobs.c.id == job_id)
+        return self._run(lambda conn: conn.execute(query).scalar_one_or_none(), write=False)
+
+    def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
+        """The job's events with seq > `after_seq`, in seq order (SSE replay)."""
+        query = (
+            sa.select(m.job_events)
+            .where(m.job_events.c.job_id == job_id, m.job_events.c.seq > after_seq)
+            .order_by(m.job_events.c.seq)
+            .limit(limit)
+        )
+        return self._run(lambda conn: _stored(conn.execute(query)), write=False)
+
+    def events_since(
+        self, after_id: int, types: Collection[str] | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """Events of every job with id > `after_id`, in id order (the SSE dispatcher and the
+        notifier tail this). On SQLite writers are serialised, so ids commit in order and
+        the cursor misses nothing; on PostgreSQL ids are allocated before commit and can
+        become visible out of order: tail per job by seq there (LISTEN/NOTIFY)."""
+        query = sa.select(m.job_events).where(m.job_events.c.id > after_id)
+        if types is not None:
+            query = query.where(m.job_events.c.type.in_(list(types)))
+        query = query.order_by(m.job_events.c.id).limit(limit)
+        return self._run(lambda conn: _stored(conn.execute(query)), write=False)
+
+    def last_event_id(self) -> int:
+        """The highest event id (0 when there are none): where a new tail starts."""
+        query = sa.select(sa.func.max(m.job_events.c.id))
+        return self._run(lambda conn: conn.execute(query).scalar() or 0, write=False)
+
+    def count_jobs_by_status(self) -> dict[str, int]:
+        """Jobs per (internal) status, in one query."""
+        query = sa.select(m.jobs.c.status, sa.func.count()).group_by(m.jobs.c.status)
+        return self._run(lambda conn: {status: n for status, n in conn.execute(query)}, write=False)
+
+    def count_pending_deliveries(self) -> int:
+        query = (
+            sa.select(sa.func.count())
+            .select_from(m.deliveries)
+            .where(m.deliveries.c.delivered_at.is_(None))
+        )
+        return self._run(lambda conn: conn.execute(query).scalar() or 0, write=False)
+
+    def append_event(self, job_id: str, event: _EventLike) -> int | None:
+        """Add an event not tied to a change (an audit event, say); returns its seq, or
+        None when the job does not exist."""
+
+        def work(conn: Connection) -> int | None:
+            query = sa.select(m.jobs.c.last_seq).where(m.jobs.c.id == job_id).with_for_update()
+            last = conn.execute(query).scalar_one_or_none()
+            if last is None:
+                return None
+            conn.execute(m.job_events.insert(), _event_rows(job_id, last, [event], self.clock()))
+            conn.execute(m.jobs.update().where(m.jobs.c.id == job_id).values(last_seq=last + 1))
+            self._dirty()
+            return last + 1
+
+        return self._run(work, write=True)
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        job_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a security-relevant action (kept after its job is deleted)."""
+        self._run(lambda conn: self._audit(conn, actor, action, job_id, detail), write=True)
+
+    def audit_log(
+        self, job_id: str | None = None, limit: int = 1000, after_id: int = 0
+    ) -> list[dict[str, Any]]:
+        """Audit rows (of one job, or all), oldest first, after `after_id`."""
+        query = sa.select(m.audit).where(m.audit.c.id > after_id)
+        if job_id is not None:
+            query = query.where(m.audit.c.job_id == job_id)
+        query = query.order_by(m.audit.c.id).limit(limit)
+        return self._run(
+            lambda conn: [dict(row._mapping) for row in conn.execute(query)], write=False
+        )
+
+    # -- webhook deliveries (an outbox) ----------------------------------------------------
+
+    def enqueue_delivery(
+        self,
+        event_id: int,
+        job_id: str | None,
+        url: str,
+        payload: Any,
+        *,
+        next_at: float | None = None,
+    ) -> bool:
+        """Queue `payload` for POSTing to `url`; False if (event_id, url) is queued
+        already (so a notifier that restarts does not notify twice)."""
+        key = (m.deliveries.c.event_id == event_id, m.deliveries.c.url == url)
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(sa.select(m.deliveries.c.event_id).where(*key)).first():
+                return False
+            conn.execute(
+                m.deliveries.insert().values(
+                    event_id=event_id,
+                    url=url,
+                    job_id=job_id,
+                    payload=payload,
+                    attempts=0,
+                    next_at=self.clock() if next_at is None else next_at,
+                )
+            )
+            self._dirty()
+            return True
+
+        try:
+            return self._run(work, write=True)
+        except sa_exc.IntegrityError:  # a concurrent enqueue of the same pair won (PostgreSQL)
+            return False
+
+    def due_deliveries(self, now: float, limit: int = 100) -> list[Delivery]:
+        """Undelivered notifications whose next attempt is due, earliest first."""
+        query = (
+            sa.select(m.deliveries)
+            .where(m.deliveries.c.delivered_at.is_(None), m.deliveries.c.next_at <= now)
+            .order_by(m.deliveries.c.next_at, m.deliveries.c.event_id, m.deliveries.c.url)
+            .limit(limit)
+        )
+        return self._run(
+            lambda conn: [Delivery(**row._mapping) for row in conn.execute(query)], write=False
+        )
+
+    def mark_delivered(self, event_id: int, url: str, at: float | str | None = None) -> None:
+        when = at if isinstance(at, str) else _iso(self.clock() if at is None else at)
+        self._update_delivery(event_id, url, delivered_at=when, last_error=None)
+
+    def mark_failed(self, event_id: int, url: str, error: str, next_at: float) -> None:
+        """An attempt failed: try again at `next_at` (the notifier's backoff decides)."""
+        self._update_delivery(event_id, url, last_error=error, next_at=next_at)
+
+    def _update_delivery(self, event_id: int, url: str, **values: Any) -> None:
+        statement = (
+            m.deliveries.update()
+            .where(m.deliveries.c.event_id == event_id, m.deliveries.c.url == url)
+            .values(attempts=m.deliveries.c.attempts + 1, **values)
+        )
+
+        def work(conn: Connection) -> None:
+            if conn.execute(statement).rowcount:
+                self._dirty()
+
+        self._run(work, write=True)
+
+    # -- meta, schema, backup --------------------------------------------------------------
+
+    def meta_get(self, key: str) -> str | None:
+        query = sa.select(m.meta.c.value).where(m.meta.c.key == key)
+        return self._run(lambda conn: conn.execute(query).scalar_one_or_none(), write=False)
+
+    def meta_set(self, key: str, value: str) -> None:
+        self._run(lambda conn: self._meta_set(conn, key, value), write=True)
+
+    def schema_version(self) -> int:
+        return self._run(m.read_version, write=False)
+
+    def restore_generation(self) -> int:
+        """Bumped after every restore: leases taken before it are foreign."""
+        return int(self.meta_get(m.RESTORE_GENERATION_KEY) or 0)
+
+    def bump_restore_generation(self) -> int:
+        def work(conn: Connection) -> int:
+            query = sa.select(m.meta.c.value).where(m.meta.c.key == m.RESTORE_GENERATION_KEY)
+            value = int(conn.execute(query.with_for_update()).scalar_one_or_none() or 0) + 1
+            self._meta_set(conn, m.RESTORE_GENERATION_KEY, str(value))
+            return value
+
+        return self._run(work, write=True)
+
+    def backup(self, path: str | os.PathLike[str]) -> Path:
+        """A consistent copy of the database taken while it is in use (SQLite's online
+        backup), checked with `PRAGMA integrity_check`, then moved into place at `path`.
+        PostgreSQL has its own tools: see the README (pg_dump / pg_restore)."""
+        if self._sqlite_path is None:
+            raise NotImplementedError(
+                f"backup() copies SQLite databases; {self.dialect} is backed up with its own "
+                "tools (PostgreSQL: pg_dump -Fc, restored with pg_restore; see the README)"
+            )
+        target = Path(path)
+        if target.resolve() == self._sqlite_path.resolve():
+            raise ValueError(f"cannot back up {target} onto itself")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.backup-{os.getpid()}.tmp")
+        _remove_database_files(temp)
+        try:
+            source = sqlite3.connect(self._sqlite_path, timeout=self.busy_timeout)
+            try:
+                copy = sqlite3.connect(temp)
+                try:
+                    source.backup(copy)  # all pages in one step: one consistent snapshot
+                    problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+                finally:
+                    copy.close()
+            finally:
+                source.close()
+            if problems != ["ok"]:
+                raise LedgerFileError(
+                    f"the backup of {self._sqlite_path} failed its integrity check "
+                    f"({'; '.join(problems[:5])}); nothing was written to {target}: "
+                    "check the disk, then try again"
+                )
+            os.replace(temp, target)
+            fsutil.fsync_dir(target.parent)
+        finally:
+            _remove_database_files(temp)
+        return target
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def _create_engine(self) -> Engine:
+        if self.url.get_backend_name() != "sqlite":
+            # PostgreSQL (psycopg 3): READ COMMITTED, rows locked with FOR UPDATE.
+            return sa.create_engine(self.url, pool_pre_ping=True)
+        database = self.url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            raise ValueError(
+                f"the SQL ledger needs a database file (sqlite:///path/to/gembatch.db), "
+                f"not {self.url}: separate connections to one in-memory database see "
+                "separate databases"
+            )
+        self._sqlite_path = Path(database)
+        self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            self.url,
+            connect_args={"check_same_thread": False, "timeout": self.busy_timeout},
+        )
+        sa.event.listen(engine, "connect", self._on_sqlite_connect)
+        sa.event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
+
+    def _on_sqlite_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        # SQLAlchemy's recipe: pysqlite must not emit BEGIN itself (it skips it before a
+        # SELECT, breaking snapshot reads); `_on_sqlite_begin` emits the right one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    def _run(self, work: Callable[[Connection], T], *, write: bool) -> T:
+        """Run `work` in one transaction (a write one if `write`), retrying a busy
+        database. A call made from inside `work` (transact's select calling add_many)
+        joins the transaction already open in this thread."""
+        self._after_fork()
+        local = self._local
+        outer: Connection | None = getattr(local, "conn", None)
+        if outer is not None:
+            if write and not local.write:
+                raise RuntimeError("a ledger write cannot run inside a read-only transaction")
+            return work(outer)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._engine.connect() as conn:
+                    conn.execution_options(**{_WRITE: write})
+                    local.conn, local.write, local.dirty = conn, write, False
+                    try:
+                        with conn.begin():
+                            result = work(conn)
+                    finally:
+                        local.conn = None
+                break
+            except (sa_exc.DBAPIError, sqlite3.OperationalError) as exc:
+                if attempt >= BUSY_ATTEMPTS or not self._retryable(exc):
+                    raise
+                with self._counters:
+                    self.busy_retries += 1
+                time.sleep(random.uniform(0.002, min(1.0, 0.01 * 2**attempt)))
+        if local.dirty:
+            with self._counters:
+                self.writes += 1
+        return result
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """SQLITE_BUSY/LOCKED; on PostgreSQL a serialization failure or a deadlock. Only
+        whole transactions are retried, and the callbacks in them are pure."""
+        orig = getattr(exc, "orig", exc)
+        if self._sqlite_path is not None:
+            code = getattr(orig, "sqlite_errorcode", None)
+            if isinstance(code, int) and code & 0xFF in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+                return True
+            text = str(orig).lower()
+            return "database is locked" in text or "database is busy" in text
+        return getattr(orig, "sqlstate", None) in ("40001", "40P01")
+
+    def _after_fork(self) -> None:
+        # Pooled connections must not be shared with a forked child: drop them (without
+        # closing them, which would disturb the parent's) and open new ones.
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._engine.dispose(close=False)
+            self._local = threading.local()
+
+    def _dirty(self) -> None:
+        self._local.dirty = True
+
+    def _serialize_decisions(self, conn: Connection) -> None:
+        """`transact` decides from all active jobs: no other decision may interleave.
+        SQLite's write lock (BEGIN IMMEDIATE) already serialises writers; PostgreSQL
+        takes a transaction-scoped advisory lock (released at commit)."""
+        if self.dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gembatch.transact'))"))
+
+    def _migrate(self) -> None:
+        where = self.url.render_as_string(hide_password=True)
+        version = self._run(m.read_version, write=False)
+        m.check_supported(version, where)
+        for migration in m.pending(version):
+            self._run(lambda conn, mig=migration: m.apply_migration(conn, mig, where), write=True)
+
+    # -- rows <-> records ------------------------------------------------------------------
+
+    def _select(
+        self,
+        conn: Connection,
+        where: Any,
+        *,
+        order: Sequence[Any] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        lock: bool = False,
+    ) -> list[_Row]:
+        query = sa.select(
+            m.jobs.c.id,
+            m.jobs.c.status,
+            m.jobs.c.created_at,
+            m.jobs.c.finished_at,
+            m.jobs.c.last_seq,
+            m.jobs.c.record,
+        )
+        if where is not None:
+            query = query.where(where)
+        query = query.order_by(*(order or (m.jobs.c.created_at, m.jobs.c.id)))
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
+        if lock:
+            query = query.with_for_update()  # nothing on SQLite: BEGIN IMMEDIATE locked it all
+        rows = [
+            _Row(r.id, r.status, r.created_at, r.finished_at, r.last_seq, r.record)
+            for r in conn.execute(query)
+        ]
+        split = [row for row in rows if isinstance(row.record.get("tasks"), list)]
+        for chunk in _chunks([row.id for row in split]):
+            found: dict[str, list[Any]] = {}
+            task_query = (
+                sa.select(m.tasks.c.job_id, m.tasks.c.record)
+                .where(m.tasks.c.job_id.in_(chunk))
+                .order_by(m.tasks.c.job_id, m.tasks.c.idx)
+            )
+            for job_id, task in conn.execute(task_query):
+                found.setdefault(job_id, []).append(task)
+            for row in split:
+                if row.id in found:
+                    row.record["tasks"] = found[row.id]
+        return rows
+
+    def _rows_by_id(self, conn: Connection, ids: Sequence[str], *, lock: bool) -> dict[str, _Row]:
+        """The rows of `ids`, locked in ascending id order on PostgreSQL (one lock order
+        for every writer: no deadlocks between two multi-job applies)."""
+        rows: dict[str, _Row] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            where = m.jobs.c.id.in_(chunk)
+            for row in self._select(conn, where, order=(m.jobs.c.id,), lock=lock):
+                rows[row.id] = row
+        return rows
+
+    def _existing_ids(self, conn: Connection, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(ids))):
+            query = sa.select(m.jobs.c.id).where(m.jobs.c.id.in_(chunk))
+            found.update(conn.execute(query).scalars())
+        return found
+
+    def _apply(self, conn: Connection, changes: Mapping[str, Change]) -> ApplyResult:
+        result = ApplyResult()
+        rows = self._rows_by_id(conn, list(changes), lock=True)
+        now = self.clock()
+        for job_id, change in changes.items():
+            row = rows.get(job_id)
+            if row is None:
+                result.missing.append(job_id)
+                continue
+            try:
+                new = change(copy_record(row.record))
+            except Exception as exc:
+                result.errors[job_id] = exc
+                continue
+            if new is None:
+                result.records[job_id] = copy_record(row.record)
+                continue
+            try:
+                new = _normal(_with_id(new, job_id))  # raises if it is not a JSON object
+                _check_status_change(row.record, new)
+            except InvalidTransition as exc:
+                result.errors[job_id] = exc
+                self._audit(conn, "ledger", "refused_transition", job_id, _refusal(exc))
+                continue
+            except Exception as exc:
+                result.errors[job_id] = exc
+                continue
+            if new != row.record:
+                try:
+                    events = self._events(row.record, new)
+                except Exception as exc:
+                    result.errors[job_id] = exc
+                    continue
+                row = rows[job_id] = self._update(conn, row, new, events, now)
+            result.records[job_id] = copy_record(row.record)
+        return result
+
+    def _events(self, old: Record | None, new: Record | None) -> list[_EventLike]:
+        return list(self.on_change(old, new)) if self.on_change is not None else []
+
+    def _insert(self, conn: Connection, records: list[Record]) -> None:
+        now = self.clock()
+        job_rows, task_rows, event_rows = [], [], []
+        for record in records:
+            events = self._events(None, record)
+            stored, task_list = _split(record)
+            values = _job_values(record, stored, now=now, previous=None)
+            values.update(id=record["id"], last_seq=len(events))
+            job_rows.append(values)
+            task_rows.extend(_task_values(record["id"], i, t) for i, t in enumerate(task_list))
+            event_rows.extend(_event_rows(record["id"], 0, events, now))
+        conn.execute(m.jobs.insert(), job_rows)
+        if task_rows:
+            conn.execute(m.tasks.insert(), task_rows)
+        if event_rows:
+            conn.execute(m.job_events.insert(), event_rows)
+        self._dirty()
+
+    def _update(
+        self, conn: Connection, row: _Row, new: Record, events: list[_EventLike], now: float
+    ) -> _Row:
+        stored, new_tasks = _split(new)
+        values = _job_values(new, stored, now=now, previous=row)
+        values["last_seq"] = row.last_seq + len(events)
+        conn.execute(m.jobs.update().where(m.jobs.c.id == row.id).values(**values))
+        old_tasks = row.record.get("tasks") if isinstance(row.record.get("tasks"), list) else []
+        changed = [
+            {"b_job_id": row.id, "b_idx": i, **_task_values(row.id, i, task)}
+            for i, task in enumerate(new_tasks[: len(old_tasks)])
+            if task != old_tasks[i]
+        ]
+        if changed:
+            for item in changed:
+                del item["job_id"], item["idx"]
+            conn.execute(
+                m.tasks.update().where(
+                    m.tasks.c.job_id == sa.bindparam("b_job_id"),
+                    m.tasks.c.idx == sa.bindparam("b_idx"),
+                ),
+                changed,
+            )
+        added = [_task_values(row.id, i, t) for i, t in enumerate(new_tasks) if i >= len(old_tasks)]
+        if added:
+            conn.execute(m.tasks.insert(), added)
+        if len(new_tasks) < len(old_tasks):
+            conn.execute(
+                m.tasks.delete().where(m.tasks.c.job_id == row.id, m.tasks.c.idx >= len(new_tasks))
+            )
+        if events:
+            conn.execute(m.job_events.insert(), _event_rows(row.id, row.last_seq, events, now))
+        self._dirty()
+        return _Row(row.id, values["status"], values["created_at"], values["finished_at"],
+                    values["last_seq"], new)  # fmt: skip
+
+    def _delete(self, conn: Connection, ids: list[str]) -> None:
+        for chunk in _chunks(ids):
+            conn.execute(m.tasks.delete().where(m.tasks.c.job_id.in_(chunk)))
+            conn.execute(m.job_events.delete().where(m.job_events.c.job_id.in_(chunk)))
+            conn.execute(m.jobs.delete().where(m.jobs.c.id.in_(chunk)))
+        self._dirty()
+
+    def _audit(
+        self,
+        conn: Connection,
+        actor: str,
+        action: str,
+        job_id: str | None,
+        detail: dict[str, Any] | None,
+    ) -> None:
+        conn.execute(
+            m.audit.insert().values(
+                at=_iso(self.clock()), actor=actor, action=action, job_id=job_id, detail=detail
+            )
+        )
+        self._dirty()
+
+    def _meta_set(self, conn: Connection, key: str, value: str) -> None:
+        statement = m.meta.update().where(m.meta.c.key == key).values(value=value)
+        if not conn.execute(statement).rowcount:
+            conn.execute(m.meta.insert().values(key=key, value=value))
+        self._dirty()
+
+
+_ACTIVE = m.jobs.c.status.not_in(TERMINAL)
+
+# SQLite keeps per-process lock bookkeeping, and an idle WAL connection holds a shared
+# lock. A child forked with such connections open believes it holds locks it does not
+# (fcntl locks are not inherited), which can let another process reset the WAL under it.
+# So before any fork every SQLite ledger closes its idle connections; they reopen on use.
+_SQLITE_LEDGERS: weakref.WeakSet[SqlLedger] = weakref.WeakSet()
+
+
+def _close_idle_sqlite_connections() -> None:
+    for ledger in list(_SQLITE_LEDGERS):
+        ledger._engine.dispose()
+
+
+os.register_at_fork(before=_close_idle_sqlite_connections)
+
+
+def _on_sqlite_begin(conn: Connection) -> None:
+    # A write transaction takes the write lock up front: a deferred one that reads, then
+    # writes, gets SQLITE_BUSY at the upgrade however long busy_timeout is.
+    write = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _iso(epoch: float) -> str:
+    """UTC ISO 8601, fixed width (microseconds always), so text order is time order."""
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="microseconds")
+
+
+def _time_column(value: Any) -> str | None:
+    try:
+        epoch = parse_time(value)
+        return _iso(epoch) if epoch is not None else None
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _job_values(
+    record: Record, stored: Record, *, now: float, previous: _Row | None
+) -> dict[str, Any]:
+    """The columns of a job row, derived from its record (which stays the truth)."""
+    status = record.get("status")
+    status = status if isinstance(status, str) else ""  # the original tool's: no status
+    finished = None
+    if status in TERMINAL:
+        finished = _time_column(record.get("completed_at"))
+        if finished is None and previous is not None and previous.status in TERMINAL:
+            finished = previous.finished_at
+        finished = finished or _iso(now)
+    user_id = record.get("user_id")
+    priority = record.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        priority = 0
+    created = _time_column(record.get("created_at"))
+    if created is None:
+        created = previous.created_at if previous is not None else _iso(now)
+    return {
+        "user_id": user_id if isinstance(user_id, str) else None,
+        "status": status,
+        "priority": max(-_INT_MAX, min(_INT_MAX, priority)),
+        "created_at": created,
+        "updated_at": _iso(now),
+        "finished_at": finished,
+        "record": stored,
+        "input_file": m.input_key(record),
+        "batch_name": m.job_batch_name(record),
+    }
+
+
+def _event_rows(
+    job_id: str, last_seq: int, events: Sequence[_EventLike], now: float
+) -> list[dict[str, Any]]:
+    """Rows for `events` numbered last_seq+1, +2, ...: the caller holds the job's row lock
+    (SQLite: the write lock) and moves `jobs.last_seq` on in the same transaction."""
+    at = _iso(now)
+    return [
+        {"job_id": job_id, "seq": last_seq + n, "type": e.type, "data": e.data, "created_at": at}
+        for n, e in enumerate(events, 1)
+    ]
+
+
+def _task_values(job_id: str, idx: int, task: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = task if isinstance(task, dict) else {}
+    batch = fields.get("batch")
+    batch_name = batch.get("name") if isinstance(batch, dict) else None
+    if not isinstance(batch_name, str) or not batch_name:
+        batch_name = fields.get("batch_name")
+    return {
+        "job_id": job_id,
+        "idx": idx,
+        "state": _text(fields.get("state")),
+        "display_name": _text(fields.get("display_name")),
+        "batch_name": _text(batch_name),
+        "record": task,
+    }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _split(record: Record) -> tuple[Record, list[Any]]:
+    """(the job's stored JSON, its tasks). A `tasks` list moves to the tasks table; an
+    empty list keeps its place in the record so that key order survives the round trip."""
+    tasks = record.get("tasks")
+    if not isinstance(tasks, list):
+        return record, []
+    return {**record, "tasks": []}, tasks
+
+
+def _normal(record: Record) -> Record:
+    """The record as the database will give it back (JSON types only)."""
+    return json.loads(json.dumps(record))
+
+
+def _with_id(record: Record, job_id: str) -> Record:
+    if record.get("id") == job_id:
+        return record
+    return {"id": job_id, **{key: value for key, value in record.items() if key != "id"}}
+
+
+def _check_id(record: Record) -> None:
+    if "id" in record and not (isinstance(record["id"], str) and record["id"]):
+        raise ValueError(f'a job record\'s "id" must be a non-empty string, not {record["id"]!r}')
+
+
+def _refusal(exc: InvalidTransition, reason: str | None = None) -> dict[str, Any]:
+    detail = {"from": exc.current, "event": str(exc.event), "to": exc.target, "message": str(exc)}
+    if reason is not None:
+        detail["reason"] = reason
+    return detail
+
+
+def _stored(result: Any) -> list[StoredEvent]:
+    return [StoredEvent(**row._mapping) for row in result]
+
+
+def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _remove_database_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+__all__ = ["DEFAULT_BUSY_TIMEOUT", "TERMINAL", "Delivery", "SqlLedger", "StoredEvent"]
