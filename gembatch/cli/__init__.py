@@ -8,11 +8,13 @@ import sys
 from gembatch.cli import (  # noqa: F401
     cancel_cmd,
     cleanup_cmd,
+    db_cmd,
     demo_cmd,
     emulator_cmd,
     info_cmd,
     poll_cmd,
     results_cmd,
+    serve_cmd,
     status_cmd,
     submit_cmd,
 )

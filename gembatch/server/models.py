@@ -1,0 +1,196 @@
+"""Request and response shapes of the HTTP API (they are also its OpenAPI schema).
+
+Why: every field a client may send is declared with its limits, so bad input is refused
+with a 4xx that names the field, never a 500, and the served schema is exact enough for
+schemathesis to explore.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gembatch.jobs import DEFAULT_RETRY_ON, ErrorClass
+
+PublicStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+class RetryConfigModel(BaseModel):
+    """Seed 004's retry rules (`max_attempts`, `retry_interval`, `retry_on_errors`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_interval: float = Field(30.0, ge=0, le=86400)
+    retry_on_errors: list[ErrorClass] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    backoff_factor: float = Field(2.0, ge=1, le=10)
+    max_interval: float = Field(1800.0, ge=0, le=7 * 86400)
+    jitter: float = Field(0.2, ge=0, le=1)
+    retry_failed_requests: bool = False
+
+
+class ResourceLimits(BaseModel):
+    """Seed 004's resource limits. `max_memory` and `max_cpu` are accepted but have no
+    meaning for work done on Google's side; the limits that apply are in Gemini's units."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_memory: float | None = Field(None, ge=0)
+    max_cpu: float | None = Field(None, ge=0)
+    max_requests_in_flight: int | None = Field(None, ge=1)
+    max_tokens_in_flight: int | None = Field(None, ge=1)
+
+
+class JobOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+    )
+    display_name: str | None = Field(None, max_length=512)
+    priority: int = Field(0, ge=-1_000_000, le=1_000_000)
+    max_parallel_tasks: int | None = Field(None, ge=1, le=100)
+    retry_config: RetryConfigModel | None = None
+    resource_limits: ResourceLimits | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s]+$")
+
+
+class BatchRequestItem(BaseModel):
+    """One request: `{"key": ..., "request": GenerateContentRequest}` (the batch file's
+    line format). Without a key, `request-<n>` is used."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = Field(None, min_length=1, max_length=512)
+    request: dict[str, Any]
+
+
+class CreateJobBody(JobOptions):
+    """Create a job from inline requests, or from a file in the service's data directory."""
+
+    requests: list[BatchRequestItem] | None = Field(None, min_length=1, max_length=1_000_000)
+    input_file: str | None = Field(None, min_length=1, max_length=4096)
+    product_id: str | None = Field(None, max_length=512)  # seed 004: kept in metadata
+    sending_group_id: str | None = Field(None, max_length=512)  # seed 004: kept in metadata
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateJobBody:
+        if (self.requests is None) == (self.input_file is None):
+            raise ValueError("give exactly one of `requests` (a list) or `input_file` (a path)")
+        return self
+
+    @field_validator("input_file")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("input_file must not contain NUL characters")
+        return value
+
+
+class CreateJobResponse(BaseModel):
+    job_id: str
+    status: PublicStatus
+    message: str
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DetailedStatus(BaseModel):
+    current_phase: str | None
+    progress_percentage: float
+    active_tasks: int
+    error_count: int
+
+
+class RequestCountsModel(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+
+
+class JobStatusModel(BaseModel):
+    """Seed 003's JobStatus, plus `priority`, `attempts`, seed 004's `detailed_status`,
+    and gembatch's own fields."""
+
+    job_id: str
+    job_type: str
+    status: PublicStatus
+    progress: float
+    current_step: str | None
+    message: str
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: str | None
+    updated_at: str | None
+    priority: int
+    attempts: int
+    detailed_status: DetailedStatus
+    error_details: dict[str, Any] | None
+    requests: RequestCountsModel
+    display_name: str | None
+    model: str | None
+    metadata: dict[str, Any]
+    completed_at: str | None
+    final_state: str | None
+    duration_seconds: int | None
+
+
+class JobListModel(BaseModel):
+    jobs: list[JobStatusModel]
+    count: int
+
+
+class DeleteResponse(BaseModel):
+    job_id: str
+    status: str
+    message: str
+
+
+class CleanupResponse(BaseModel):
+    deleted: list[str]
+    count: int
+
+
+class EventModel(BaseModel):
+    seq: int
+    type: str
+    data: dict[str, Any]
+    created_at: str | None
+
+
+class AuditLogModel(BaseModel):
+    job_id: str
+    events: list[EventModel]
+    audit: list[dict[str, Any]]
+
+
+class UpdateBatchJobData(BaseModel):
+    """Seed 004's updateBatchJob: gembatch lets an operator change the priority and move a
+    job through the transitions open to users (cancel: `cancelled`; retry: `pending`).
+    `detailed_status` and `error_details` are computed by gembatch and refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(min_length=1, max_length=64)
+    status: PublicStatus | None = None
+    priority: int | None = Field(None, ge=-1_000_000, le=1_000_000)
+    detailed_status: dict[str, Any] | None = None
+    error_details: dict[str, Any] | None = None
+
+
+class DeleteJobData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(min_length=1, max_length=64)
+    force: bool = False
+
+
+class JobOperation(BaseModel):
+    """Seed 004's `/job-operations` envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["createJob", "updateBatchJob", "deleteJob"]
+    data: dict[str, Any]
+
+
+class HealthModel(BaseModel):
+    status: str
+    version: str
+    database: str
+    worker: dict[str, Any]

@@ -1,0 +1,263 @@
+"""Webhook notifications: a JSON POST to the job's `notify_url` (and a service-wide URL)
+when a job completes or fails (seed 004's error notification).
+
+Why: a web backend wants to hear when its job ends without holding an SSE stream open for
+hours, and a receiver that is down must neither lose the message nor slow the engine. So
+notifications are an outbox: the ledger's event log is read from a cursor kept in the
+ledger (`meta["notify_cursor"]`), each terminal event becomes one delivery row per URL
+(idempotent on event and URL), and a background loop sends due deliveries with timeouts,
+retrying with backoff. A restart continues from the cursor: nothing is skipped, and a
+delivered row is never sent again. Receivers dedupe on `X-Gembatch-Event-Id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from gembatch import __version__
+from gembatch.gemini.errors import scrub
+from gembatch.jobs import RetryConfig
+from gembatch.retry import backoff
+from gembatch.server.events import COMPLETED, ERROR, TERMINAL_EVENTS
+from gembatch.server.views import api_time
+
+CURSOR_KEY = "notify_cursor"
+ACTOR = "notifier"
+GAVE_UP = "notify_failed"
+IDLE_SECONDS = 0.5
+EVENTS_PER_ROUND = 500
+DELIVERIES_PER_ROUND = 100
+MAX_ERROR_CHARS = 500
+NEVER = math.inf  # `next_at` of a delivery given up on
+
+_log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Reads terminal events into the delivery outbox and sends what is due."""
+
+    def __init__(
+        self,
+        ledger: Any,
+        *,
+        service_url: str | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 8,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        client: httpx.AsyncClient | None = None,
+        concurrency: int = 8,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.ledger = ledger
+        self.service_url = service_url or None
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.max_delay = max_delay
+        self._backoff = RetryConfig(retry_interval=base_delay, max_interval=max_delay)
+        self._clock = clock
+        self._client = client
+        self._own_client = client is None
+        self._concurrency = max(1, concurrency)
+
+    # -- the loop ----------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set: queue new terminal events, send due deliveries, rest
+        ~0.5 s when there was nothing to do. No error escapes: a broken round is logged
+        and the next one tries again."""
+        try:
+            while not stop.is_set():
+                try:
+                    busy = await self.run_once()
+                except Exception as exc:
+                    # The message only (scrubbed): a database error can quote its
+                    # parameters, and a notify URL may carry credentials.
+                    _log.warning(
+                        "notification round failed (%s: %s); retrying shortly",
+                        type(exc).__name__,
+                        scrub(str(exc))[:MAX_ERROR_CHARS],
+                    )
+                    busy = False
+                if not busy:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), IDLE_SECONDS)
+        finally:
+            await self.aclose()
+
+    async def run_once(self) -> bool:
+        """One round: queue terminal events since the cursor, then send due deliveries.
+        True when a batch was full (more work is waiting)."""
+        queued_full = await self.queue_events()
+        sent_full = await self.send_due()
+        return queued_full or sent_full
+
+    async def aclose(self) -> None:
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # -- events -> deliveries ----------------------------------------------------------
+    async def queue_events(self) -> bool:
+        """One delivery per (terminal event, URL); then move the cursor past them. A crash
+        between the two re-queues the same rows, which the ledger ignores."""
+        cursor = await _thread(self._read_cursor)
+        events = await _thread(
+            self.ledger.events_since, cursor, types=sorted(TERMINAL_EVENTS), limit=EVENTS_PER_ROUND
+        )
+        if not events:
+            return False
+        await _thread(self._queue, events)
+        await _thread(self.ledger.meta_set, CURSOR_KEY, str(events[-1].id))
+        return len(events) >= EVENTS_PER_ROUND
+
+    def _read_cursor(self) -> int:
+        text = self.ledger.meta_get(CURSOR_KEY)
+        try:
+            return int(text) if text else 0
+        except ValueError:
+            _log.warning("ignoring a malformed %s %r; starting from 0", CURSOR_KEY, text)
+            return 0
+
+    def _queue(self, events: list[Any]) -> None:
+        for event in events:
+            if not _notifiable(event):
+                continue
+            record = self.ledger.get(event.job_id)
+            urls = [(record or {}).get("notify_url"), self.service_url]
+            payload = {"event": event.type, "event_id": event.id, "job": event.data}
+            for url in dict.fromkeys(u for u in urls if u):
+                if not _is_http_url(url):
+                    _log.warning("not notifying %s: not an http(s) URL", safe_url(url))
+                    continue
+                self.ledger.enqueue_delivery(
+                    event.id, event.job_id, url, payload, next_at=self._clock()
+                )
+
+    # -- sending -----------------------------------------------------------------------
+    async def send_due(self) -> bool:
+        """POST every due delivery (bounded concurrency); True when the batch was full."""
+        due = await _thread(self.ledger.due_deliveries, self._clock(), limit=DELIVERIES_PER_ROUND)
+        if not due:
+            return False
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(delivery: Any) -> None:
+            async with gate:
+                await self._deliver(delivery)
+
+        await asyncio.gather(*(one(d) for d in due))
+        return len(due) >= DELIVERIES_PER_ROUND
+
+    async def _deliver(self, delivery: Any) -> None:
+        error = await self._post(delivery)
+        now = self._clock()
+        if error is None:
+            await _thread(self.ledger.mark_delivered, delivery.event_id, delivery.url, now)
+            return
+        attempts = int(delivery.attempts or 0) + 1
+        if attempts >= self.max_attempts:
+            # Given up: next attempt "never" (never due again); the row keeps its attempts
+            # and last error for operators, and the audit log says so.
+            await _thread(self.ledger.mark_failed, delivery.event_id, delivery.url, error, NEVER)
+            detail = {
+                "event_id": delivery.event_id,
+                "url": safe_url(delivery.url),
+                "attempts": attempts,
+                "error": error,
+            }
+            await _thread(self.ledger.audit, ACTOR, GAVE_UP, delivery.job_id, detail)
+            _log.warning(
+                "gave up notifying %s of event %s after %d attempts: %s",
+                safe_url(delivery.url),
+                delivery.event_id,
+                attempts,
+                error,
+            )
+            return
+        delay = min(self.max_delay, backoff(self._backoff, attempts))
+        await _thread(self.ledger.mark_failed, delivery.event_id, delivery.url, error, now + delay)
+
+    async def _post(self, delivery: Any) -> str | None:
+        """POST one delivery; None when the receiver answered 2xx, else what went wrong
+        (with no userinfo or query string of the URL in it)."""
+        body = dict(delivery.payload)
+        body["sent_at"] = api_time(self._clock())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"gembatch/{__version__}",
+            "X-Gembatch-Event-Id": str(delivery.event_id),
+        }
+        try:
+            response = await asyncio.wait_for(
+                self._http().post(delivery.url, json=body, headers=headers),
+                self.timeout + 1.0,  # the client's own timeout should fire first
+            )
+        except Exception as exc:
+            return _clean(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, delivery.url
+            )
+        if 200 <= response.status_code < 300:
+            return None
+        text = response.text[:200].strip()
+        return _clean(f"HTTP {response.status_code}" + (f": {text}" if text else ""), delivery.url)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+        return self._client
+
+
+def safe_url(url: str) -> str:
+    """`url` as it may appear in logs and errors: no user:password@, no query string."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<invalid URL>"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _clean(message: str, url: str) -> str:
+    message = message.replace(url, safe_url(url))
+    parts = urlsplit(url)
+    if parts.password:
+        message = message.replace(parts.password, "***")
+    return scrub(message)[:MAX_ERROR_CHARS]
+
+
+def _notifiable(event: Any) -> bool:
+    if event.type == COMPLETED:
+        return True
+    # A deletion is not a job finishing.
+    return event.type == ERROR and (event.data or {}).get("code") != "DELETED"
+
+
+def _is_http_url(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+async def _thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Ledger calls block (SQL, file locks): run them off the event loop, so the engine
+    and the HTTP handlers sharing the loop never wait on the notifier."""
+    return await asyncio.to_thread(function, *args, **kwargs)

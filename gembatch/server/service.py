@@ -1,0 +1,363 @@
+"""Job operations as the HTTP API offers them: create, delete, update, cleanup.
+
+Why: the REST endpoints (seed 003) and `/job-operations` (seed 004) are two spellings of
+the same operations, and both must follow the same rules: inputs only from the request or
+the data directory, a running job deleted only with `force` (which cancels the remote
+batch first), user-requested transitions limited to cancel and retry, everything refused
+audited. They all end in the engine; this module only checks and translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+
+from gembatch.engine import reducers
+from gembatch.engine.engine import Engine
+from gembatch.inputs import InputInvalid, validate_file
+from gembatch.jobs import InvalidTransition, Job, JobStatus, RetryConfig
+from gembatch.server.models import CreateJobBody, JobOptions, UpdateBatchJobData
+from gembatch.server.settings import ServerSettings
+
+DELETE_RUNNING = (
+    "Cannot delete a running job. Wait for completion or failure, or delete with "
+    "?force=true to cancel its remote batch first."
+)
+RESOURCE_NOTE = (
+    "resource_limits.max_memory and max_cpu have no meaning for work done on Google's "
+    "side and are ignored; use max_requests_in_flight or max_tokens_in_flight"
+)
+
+
+def not_found(job_id: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"Job not found: {job_id}")
+
+
+class JobService:
+    def __init__(self, settings: ServerSettings, ledger: Any, engine: Engine, wake: Any) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.engine = engine
+        self.wake = wake  # callable: run the worker now
+        self.results_dir = settings.data_dir / "results"
+        settings.inputs_dir.mkdir(parents=True, exist_ok=True)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        # Forced deletes waiting for the remote cancel. Kept in the records too, so a
+        # restarted service finds them again (`find_pending_deletes`).
+        self._pending_deletes: set[str] = set()
+        self._scanned = False
+
+    # -- reading -----------------------------------------------------------------------------
+    async def job(self, job_id: str, user: str) -> Job:
+        record = await asyncio.to_thread(self.ledger.get, job_id, self._scope(user))
+        if record is None:
+            raise not_found(job_id)
+        return Job.from_record(record)
+
+    def _scope(self, user: str) -> str | None:
+        """Every job belongs to its user; in single-user mode that is everyone's."""
+        return None if self.settings.single_user else user
+
+    # -- create ------------------------------------------------------------------------------
+    async def create_from_body(self, user: str, body: CreateJobBody) -> tuple[str, list[str]]:
+        job_id = reducers.new_job_id()
+        target = self.settings.inputs_dir / f"{job_id}.jsonl"
+        if body.requests is not None:
+            await asyncio.to_thread(_write_requests, body.requests, target)
+            label = f"inline-{job_id}.jsonl"
+        else:
+            source = self._inside_data_dir(body.input_file or "")
+            await asyncio.to_thread(_copy_input, source, target)
+            label = Path(body.input_file or "").name
+        metadata = dict(body.metadata)
+        for name in ("product_id", "sending_group_id"):
+            value = getattr(body, name)
+            if value is not None:
+                metadata[name] = value
+        options = body.model_copy(update={"metadata": metadata})
+        return await self._create(user, job_id, target, label, options, inline=body.requests)
+
+    async def create_from_upload(
+        self, user: str, job_id: str, target: Path, filename: str, options: JobOptions
+    ) -> tuple[str, list[str]]:
+        return await self._create(user, job_id, target, filename or f"{job_id}.jsonl", options)
+
+    async def _create(
+        self,
+        user: str,
+        job_id: str,
+        target: Path,
+        label: str,
+        options: JobOptions,
+        inline: Any = None,
+    ) -> tuple[str, list[str]]:
+        try:
+            validated = await asyncio.to_thread(validate_file, target)
+        except InputInvalid as exc:
+            target.unlink(missing_ok=True)
+            raise HTTPException(
+                status_code=422, detail=_problems(exc, inline is not None)
+            ) from None
+        validated = dataclasses.replace(validated, display=label)
+        warnings = []
+        limits = options.resource_limits
+        if limits is not None and (limits.max_memory is not None or limits.max_cpu is not None):
+            warnings.append(RESOURCE_NOTE)
+        retry = RetryConfig()
+        if options.retry_config is not None:
+            retry = RetryConfig.from_dict(options.retry_config.model_dump(mode="json"))
+        extra = {
+            "user_id": user,
+            "job_type": "batch",
+            "display_name": options.display_name or label,
+            "metadata": options.metadata,
+            "notify_url": options.notify_url,
+            "resource_limits": limits.model_dump() if limits else None,
+        }
+        await asyncio.to_thread(
+            self.engine.add_jobs,
+            [validated],
+            model=options.model or self.settings.model,
+            priority=options.priority,
+            retry_config=retry,
+            max_parallel_tasks=options.max_parallel_tasks,
+            force=True,
+            job_ids=[job_id],
+            extra=extra,
+            result_files=[str(self.results_dir / f"{job_id}.jsonl")],
+        )
+        self.wake()
+        return job_id, warnings
+
+    def _inside_data_dir(self, relative: str) -> Path:
+        """A path given by a client, allowed only inside the data directory (after
+        resolving `..` and symlinks); absolute paths are refused."""
+        root = self.settings.data_dir.resolve()
+        if not relative or os.path.isabs(relative) or relative.startswith("~"):
+            raise HTTPException(
+                status_code=400,
+                detail="input_file must be a path relative to the service's data directory",
+            )
+        try:
+            candidate = (root / relative).resolve()
+            inside = candidate == root or root in candidate.parents
+            found = inside and candidate.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+            raise HTTPException(
+                status_code=400, detail=f"input_file {relative[:200]!r} is not usable: {exc}"
+            ) from None
+        if not inside:
+            raise HTTPException(
+                status_code=400,
+                detail="input_file must stay inside the service's data directory",
+            )
+        if not found:
+            raise HTTPException(
+                status_code=400,
+                detail=f"input_file {relative[:200]!r}: no such file in the data directory",
+            )
+        return candidate
+
+    # -- delete ------------------------------------------------------------------------------
+    async def delete(self, user: str, job_id: str, force: bool) -> dict[str, Any]:
+        job = await self.job(job_id, user)
+        if job.status in (JobStatus.RUNNING, JobStatus.CANCELLING):
+            if not force:
+                await self._audit(user, "delete_refused", job_id, {"status": job.status.value})
+                raise HTTPException(status_code=400, detail=DELETE_RUNNING)
+            await self._cancel(job_id)
+            await self._mark_for_deletion(job_id, user)
+            await self._audit(user, "force_delete", job_id, {"status": job.status.value})
+            self.wake()
+            return {
+                "job_id": job_id,
+                "status": "cancelling",
+                "message": "cancelling the remote batch; the job is deleted when Gemini "
+                "confirms and its files are cleaned up",
+            }
+        if job.status is JobStatus.PENDING:
+            job = await self._cancel(job_id)
+        await self.remove(job, actor=f"api:{user}", reason="deleted by the user")
+        return {"job_id": job_id, "status": "deleted", "message": "job deleted"}
+
+    async def remove(self, job: Job, *, actor: str, reason: str) -> None:
+        """Delete a finished job: what it left remotely, its local files, its records."""
+        for task in job.tasks:
+            for name in (task.uploaded_file_name,):
+                if name and not task.cleaned.get("input_file"):
+                    with contextlib.suppress(Exception):
+                        await self.engine.remote.delete_file(name)
+        await asyncio.to_thread(self._remove_files, job)
+        await asyncio.to_thread(self.ledger.delete_job, job.id, actor=actor, reason=reason)
+
+    def _remove_files(self, job: Job) -> None:
+        for path in (job.input_path, job.result_file):
+            if path:
+                Path(path).unlink(missing_ok=True)
+        for task in job.tasks:
+            if task.part_file:
+                Path(task.part_file).unlink(missing_ok=True)
+            if task.input.keys_from is not None:
+                Path(task.input.path).unlink(missing_ok=True)
+
+    async def _cancel(self, job_id: str) -> Job:
+        try:
+            return await self.engine.cancel(job_id)
+        except InvalidTransition:
+            return Job.from_record(await asyncio.to_thread(self.ledger.get, job_id))
+
+    async def _mark_for_deletion(self, job_id: str, user: str) -> None:
+        def mark(record: dict[str, Any]) -> dict[str, Any]:
+            return {**record, "delete_after_cancel": {"by": user}}
+
+        await asyncio.to_thread(self.ledger.apply, {job_id: mark})
+        self._pending_deletes.add(job_id)
+
+    async def delete_cancelled(self) -> list[str]:
+        """Jobs whose forced delete waited for the remote cancel: remove the finished ones."""
+        if not self._scanned:  # once per process: forced deletes a previous run left
+            self._scanned = True
+            for record in (await asyncio.to_thread(self.ledger.load_active)).records:
+                if record.get("delete_after_cancel"):
+                    self._pending_deletes.add(record["id"])
+            for status in ("completed", "failed", "cancelled"):
+                for record in await asyncio.to_thread(
+                    self.ledger.list_jobs, None, status, 100_000, 0
+                ):
+                    if record.get("delete_after_cancel"):
+                        self._pending_deletes.add(record["id"])
+        done = []
+        for job_id in sorted(self._pending_deletes):
+            record = await asyncio.to_thread(self.ledger.get, job_id)
+            if record is None:
+                self._pending_deletes.discard(job_id)
+                continue
+            if record.get("status") in ("completed", "failed", "cancelled"):
+                job = Job.from_record(record)
+                by = (record.get("delete_after_cancel") or {}).get("by", "?")
+                await self.remove(job, actor=f"api:{by}", reason="forced delete")
+                self._pending_deletes.discard(job_id)
+                done.append(job.id)
+        return done
+
+    # -- update ------------------------------------------------------------------------------
+    async def update(self, user: str, data: UpdateBatchJobData) -> Job:
+        job = await self.job(data.job_id, user)
+        for field in ("detailed_status", "error_details"):
+            if getattr(data, field) is not None:
+                raise HTTPException(
+                    status_code=400,
+                    detail=f"{field} is computed by gembatch from the job's progress and "
+                    "errors; it cannot be set",
+                )
+        if data.priority is not None and data.priority != job.priority:
+
+            def set_priority(record: dict[str, Any]) -> dict[str, Any]:
+                return {**record, "priority": data.priority}
+
+            await asyncio.to_thread(self.ledger.apply, {job.id: set_priority})
+            await self._audit(user, "priority", job.id, {"from": job.priority, "to": data.priority})
+            self.wake()
+        if data.status is not None and data.status != job.status.public:
+            await self._transition(user, job, data.status)
+        return await self.job(job.id, user)
+
+    async def _transition(self, user: str, job: Job, target: str) -> None:
+        """The transitions open to users: cancel a pending or running job; retry a finished
+        one. Every other request is refused with 409 and audited."""
+        try:
+            if target == "cancelled" and job.status in (JobStatus.PENDING, JobStatus.RUNNING):
+                await self.engine.cancel(job.id)
+                await self._audit(user, "cancel", job.id, {"from": job.status.value})
+            elif target == "pending" and job.status.terminal:
+                await self.engine.retry(job.id)
+                await self._audit(user, "retry", job.id, {"from": job.status.value})
+            else:
+                raise InvalidTransition("job", job.status.public, f"set status to {target}")
+        except InvalidTransition as exc:
+            await self._audit(
+                user, "transition_refused", job.id,
+                {"from": job.status.public, "to": target, "reason": str(exc)},
+            )  # fmt: skip
+            raise HTTPException(
+                status_code=409,
+                detail={
+                    "code": "INVALID_TRANSITION",
+                    "message": f"job {job.id} cannot go from {job.status.public} to {target}: "
+                    f"{exc}",
+                    "from": job.status.public,
+                    "to": target,
+                },
+            ) from None
+        self.wake()
+
+    async def _audit(self, user: str, action: str, job_id: str, detail: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.ledger.audit, f"api:{user}", action, job_id, detail)
+
+    # -- cleanup -----------------------------------------------------------------------------
+    async def cleanup(self, user: str, max_age_hours: float) -> list[str]:
+        """Delete the caller's finished jobs older than `max_age_hours`; never unfinished."""
+        import time
+
+        from gembatch.jobs import parse_time
+
+        cutoff = time.time() - max_age_hours * 3600
+        deleted = []
+        offset = 0
+        while True:
+            page = await asyncio.to_thread(
+                self.ledger.list_jobs, self._scope(user), None, 500, offset
+            )
+            if not page:
+                break
+            offset += len(page)
+            for record in page:
+                job = Job.from_record(record)
+                finished = parse_time(job.completed_at)
+                if job.status.terminal and finished is not None and finished < cutoff:
+                    await self.remove(job, actor=f"api:{user}", reason="cleanup")
+                    deleted.append(job.id)
+                    offset -= 1
+        return deleted
+
+
+def _write_requests(items: list[Any], target: Path) -> None:
+    with open(target, "w", encoding="utf-8") as handle:
+        for n, item in enumerate(items, 1):
+            line = {"key": item.key or f"request-{n}", "request": item.request}
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def _copy_input(source: Path, target: Path) -> None:
+    """The job keeps its own copy of the input: later edits of the original (even in
+    place, which a hard link would share) must not change what the job submits."""
+    try:
+        shutil.copyfile(source, target)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _problems(exc: InputInvalid, inline: bool) -> list[dict[str, Any]]:
+    """Validation problems in FastAPI's detail format (`loc`, `msg`, `type`)."""
+    items = []
+    for problem in exc.problems:
+        if inline and problem.line is not None:
+            loc: list[Any] = ["body", "requests", problem.line - 1]
+        elif problem.line is not None:
+            loc = ["input", "line", problem.line]
+        else:
+            loc = ["input"]
+        items.append({"loc": loc, "msg": problem.message, "type": "invalid_request"})
+    if exc.omitted:
+        items.append({"loc": ["input"], "msg": f"... and {exc.omitted} more problems",
+                      "type": "invalid_request"})  # fmt: skip
+    return items
