@@ -27,6 +27,16 @@ def serve(
     poll_interval: float = typer.Option(10.0, "--poll-interval", help="Seconds between polls."),
     max_live_batches: int = typer.Option(10, "--max-live-batches", help="Live remote batches."),
     ping_interval: float = typer.Option(30.0, "--ping-interval", help="SSE ping when idle (s)."),
+    event_requery_interval: float = typer.Option(
+        5.0,
+        "--event-requery-interval",
+        help="PostgreSQL: re-read followed jobs' events this often without a NOTIFY (s).",
+    ),
+    lease_seconds: float = typer.Option(
+        30.0,
+        "--lease-seconds",
+        help="PostgreSQL: how long a claim outlives a silent server before another takes over.",
+    ),
     notify_url: str | None = typer.Option(
         None, "--notify-url", help="POST every finished job here (JSON)."
     ),
@@ -55,6 +65,7 @@ def serve(
         poll_interval=poll_interval,
         max_live_batches=max_live_batches,
         ping_interval=ping_interval,
+        event_requery_interval=event_requery_interval,
         notify_url=notify_url,
         model=common.model_name(model),
     )
@@ -76,6 +87,9 @@ def serve(
                 EngineSettings(
                     max_live_batches=max_live_batches,
                     poll_concurrency=options.poll_concurrency,
+                    # Several servers may share PostgreSQL: claims are renewed leases.
+                    lease_seconds=lease_seconds if db.startswith("postgresql") else None,
+                    create_grace_seconds=15.0 if db.startswith("postgresql") else 0.0,
                 )
             )
             application = create_app(options, engine_settings=engine_settings)

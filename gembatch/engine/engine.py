@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from gembatch.jobs import (
     TaskInput,
     TaskState,
     now_iso,
+    parse_time,
 )
 from gembatch.ledger import Record
 from gembatch.results import failed_keys, key_outcomes, merge_results, verify_output
@@ -72,6 +74,15 @@ class EngineSettings:
     download_retry_interval: float = 5.0
     max_cleanup_attempts: int = 3
     poll_retry_interval: float = 5.0  # first backoff after a failed batches.get
+    # Several processes on one database (the service on PostgreSQL): a claim is a lease
+    # that its holder renews; once it has expired another process may take the task over
+    # (the holder's late writes are then refused). None: claims last while their process
+    # lives (one machine: a dead pid is seen at once).
+    lease_seconds: float | None = None
+    # How long after a create was sent its batch may still appear (the request may be in
+    # flight when its sender died or stalled): a claim younger than this whose batch is not
+    # listed yet is looked for again later instead of being created again.
+    create_grace_seconds: float = 0.0
 
 
 @dataclass
@@ -126,6 +137,7 @@ class Engine:
         self.rng = rng or random.Random()
         self.problems: list[str] = []
         self._restore_checked = generation == 0
+        self._held: dict[tuple[str, int], Any] = {}  # (job, task) -> claim being worked on
 
     # -- reading -----------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
@@ -153,17 +165,61 @@ class Engine:
     async def _apply(self, changes: Mapping[str, Change]) -> Any:
         return await asyncio.to_thread(self.ledger.apply, changes)
 
-    def _change(self, reducer: Callable[..., Job], *args: Any, **kwargs: Any) -> Change:
-        """A ledger change that runs `reducer(job, *args)` on the freshest record."""
+    def _change(
+        self,
+        reducer: Callable[..., Job],
+        *args: Any,
+        fence: tuple[int, Any] | None = None,
+        **kwargs: Any,
+    ) -> Change:
+        """A ledger change that runs `reducer(job, *args)` on the freshest record. With
+        `fence=(task index, claim)`, only while that claim still holds the task: a write
+        that comes after the lease was lost (and the task taken over) changes nothing."""
         # The job is built fresh from the record here, so the reducer may change it in
         # place: skip the defensive copy that keeps reducers pure for other callers.
         body = getattr(reducer, "__wrapped__", reducer)
 
         def change(record: Record) -> Record:
             job = Job.from_record(record)
+            if fence is not None:
+                _check_fence(job, *fence)
             return body(job, *args, **kwargs).to_record()
 
         return change
+
+    def _claim_owner(self) -> dict[str, Any]:
+        """The owner recorded with a claim: this engine, a nonce for this claim, and the
+        lease's end when claims are leases."""
+        owner = {**self.owner, "claim": secrets.token_hex(4)}
+        if self.settings.lease_seconds:
+            owner["lease_until"] = self.clock() + self.settings.lease_seconds
+        return owner
+
+    async def heartbeat(self) -> int:
+        """Renew the leases of the claims this engine is working on; returns how many."""
+        if not self.settings.lease_seconds or not self._held:
+            return 0
+        held = dict(self._held)
+        until = self.clock() + self.settings.lease_seconds
+        changes: dict[str, list[Change]] = {}
+        for (job_id, index), claim in held.items():
+            changes.setdefault(job_id, []).append(
+                self._change(reducers.renew_lease, index, until, fence=(index, claim))
+            )
+        result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+        lost = set(result.errors) | set(result.missing)
+        for (job_id, index), claim in held.items():
+            if job_id in lost and self._held.get((job_id, index)) == claim:
+                self._held.pop((job_id, index), None)  # taken over: stop renewing it
+        return len(held) - sum(1 for job_id, _ in held if job_id in lost)
+
+    def _hold(self, job: Job, index: int) -> Any:
+        claim = (job.task(index).owner or {}).get("claim")
+        self._held[(job.id, index)] = claim
+        return claim
+
+    def _release_hold(self, job_id: str, index: int) -> None:
+        self._held.pop((job_id, index), None)
 
     # -- submit ------------------------------------------------------------------------------
     def add_jobs(
@@ -222,7 +278,10 @@ class Engine:
                 results.append(AddResult(item, job=job))
             return {}, new_records
 
-        self.ledger.transact(select)
+        if force:  # no duplicate check: no need to read (possibly thousands of) active jobs
+            self.ledger.add_many(select([])[1])
+        else:
+            self.ledger.transact(select)
         return results
 
     # -- one cycle ---------------------------------------------------------------------------
@@ -275,6 +334,8 @@ class Engine:
                 batch = found_batches.get(task.display_name)
                 if batch is not None:
                     change = self._change(reducers.created, task.index, batch.to_batch_dict(), now)
+                elif self._create_may_be_in_flight(task.owner, now):
+                    continue  # look again next cycle: never create twice
                 else:
                     change = self._change(
                         reducers.release,
@@ -355,8 +416,24 @@ class Engine:
                 _report_apply_errors(result, report)
         self._restore_checked = True
 
+    def _create_may_be_in_flight(self, owner: Any, now: float) -> bool:
+        grace = self.settings.create_grace_seconds
+        if not grace or not isinstance(owner, dict):
+            return False
+        try:
+            sent = parse_time(owner.get("intent_at"))
+        except (TypeError, ValueError):
+            return False
+        return sent is not None and now - sent < grace
+
     def _stale(self, owner: Any) -> bool:
+        """Whether a claim's owner is gone: recorded before a restore, its lease expired
+        (it may be paused or cut off: its late writes will be refused), or it is a dead
+        process on this host (seen at once, without waiting for the lease)."""
         if isinstance(owner, dict) and owner.get("generation", 0) != self.generation:
+            return True
+        lease = owner.get("lease_until") if isinstance(owner, dict) else None
+        if isinstance(lease, (int, float)) and lease < self.clock():
             return True
         return not owner_alive(owner)
 
@@ -383,13 +460,16 @@ class Engine:
         claimed: list[tuple[Job, int]] = []
         now = self.clock()
 
-        def select(records: list[Record]) -> Mapping[str, Change]:
+        def select(records: list[Record], busy: int | None = None) -> Mapping[str, Change]:
             jobs = []
             for record in records:
                 with contextlib.suppress(KeyError, ValueError, TypeError):
                     jobs.append(Job.from_record(record))
             # An upload in progress has reserved a slot: its batch is created right after.
-            busy = sum(1 for j in jobs for t in j.tasks if t.live or t.state is TaskState.UPLOADING)
+            if busy is None:  # `records` are all the active jobs: count from them
+                busy = sum(
+                    1 for j in jobs for t in j.tasks if t.live or t.state is TaskState.UPLOADING
+                )
             free = self.settings.max_live_batches - busy
             candidates = []
             for job in jobs:
@@ -414,18 +494,29 @@ class Engine:
             for _, _, index, job in candidates[: max(0, free)]:
                 task = job.task(index)
                 if task.state is TaskState.NEW:
-                    change = self._change(reducers.claim_upload, index, self.owner, now)
+                    change = self._change(reducers.claim_upload, index, self._claim_owner(), now)
                 else:
-                    change = self._change(reducers.claim_create, index, self.owner, now)
+                    change = self._change(reducers.claim_create, index, self._claim_owner(), now)
                 changes.setdefault(job.id, []).append(change)
                 claimed.append((job, index))
             return {jid: _chain(fs) for jid, fs in changes.items()}
 
-        result = self.ledger.transact(select)
+        claim = getattr(self.ledger, "claim_starts", None)
+        if claim is not None and job_ids is None:  # SQL: read only the jobs it may take
+            result = claim(select, max_busy=self.settings.max_live_batches, now=now)
+        else:
+            result = self.ledger.transact(select)
         ok = set(result.records) - set(result.errors)
         return [(Job.from_record(result.records[j.id]), i) for j, i in claimed if j.id in ok]
 
     async def _start_task(self, job: Job, index: int) -> StartOutcome:
+        self._hold(job, index)  # renewed by `heartbeat` until the step's outcome is written
+        try:
+            return await self._upload_and_create(job, index)
+        finally:
+            self._release_hold(job.id, index)
+
+    async def _upload_and_create(self, job: Job, index: int) -> StartOutcome:
         task = job.task(index)
         if task.state is TaskState.UPLOADING:
             uploaded = await self._upload(job, index)
@@ -438,8 +529,10 @@ class Engine:
                 {
                     job.id: _chain(
                         [
-                            self._change(reducers.uploaded, index, uploaded, now),
-                            self._change(reducers.claim_create, index, self.owner, now),
+                            self._change(
+                                reducers.uploaded, index, uploaded, now, fence=_fence(job, index)
+                            ),
+                            self._change(reducers.claim_create, index, job.task(index).owner, now),
                         ]
                     )
                 }
@@ -501,7 +594,11 @@ class Engine:
 
     async def _created(self, job: Job, index: int, batch: dict[str, Any]) -> StartOutcome:
         result = await self._apply(
-            {job.id: self._change(reducers.created, index, batch, self.clock())}
+            {
+                job.id: self._change(
+                    reducers.created, index, batch, self.clock(), fence=_fence(job, index)
+                )
+            }
         )
         ok = job.id in result.records and job.id not in result.errors
         message = f"submitted {batch['name']}" if ok else str(result.errors.get(job.id))
@@ -545,6 +642,7 @@ class Engine:
                     decision,
                     now,
                     input_deleted=input_deleted,
+                    fence=_fence(job, index),
                 )
             }
         )
@@ -657,7 +755,7 @@ class Engine:
                     not task.not_before or task.not_before <= now
                 ):
                     claims.setdefault(job.id, []).append(
-                        self._change(reducers.claim_download, task.index, self.owner, now)
+                        self._change(reducers.claim_download, task.index, self._claim_owner(), now)
                     )
                     targets.append((job.id, task.index))
         if not targets:
@@ -670,7 +768,11 @@ class Engine:
                 return
             async with gate:
                 job = Job.from_record(result.records[job_id])
-                message = await self._download_task(job, index)
+                self._hold(job, index)
+                try:
+                    message = await self._download_task(job, index)
+                finally:
+                    self._release_hold(job_id, index)
                 if message:
                     report.errors.append((job_id, message))
 
@@ -710,9 +812,21 @@ class Engine:
             succeeded=verdict.succeeded,
             failed=verdict.failed,
         )
-        await self._apply(
-            {job.id: self._change(reducers.downloaded, index, str(part), counts, self.clock())}
+        result = await self._apply(
+            {
+                job.id: self._change(
+                    reducers.downloaded,
+                    index,
+                    str(part),
+                    counts,
+                    self.clock(),
+                    fence=_fence(job, index),
+                )
+            }
         )
+        if job.id in result.errors:
+            part.unlink(missing_ok=True)  # not ours to record: whoever took over downloads
+            return f"{job.input_file}: {result.errors[job.id]}"
         return None
 
     # -- cleanup -----------------------------------------------------------------------------
@@ -914,6 +1028,34 @@ def cleanup_targets(task: Any, max_attempts: int) -> dict[str, str]:
     if task.state is TaskState.DONE and not task.extra.get("cleanup_errors"):
         return {}
     return names
+
+
+class LeaseLost(InvalidTransition):
+    """A write for a claim that no longer holds its task (its lease ran out and another
+    process took the task over). Refused, and recorded in the audit log."""
+
+    code = "LEASE_LOST"
+
+    def __init__(self, job_id: str, index: int, claim: Any, holder: Any) -> None:
+        now_held = holder.get("claim") if isinstance(holder, dict) else None
+        super().__init__("task", "lease lost", "write", None)
+        self.args = (
+            f"job {job_id} task {index}: claim {claim} lost its lease (now held by "
+            f"{now_held or 'nobody'}); the write was refused",
+        )
+
+
+def _fence(job: Job, index: int) -> tuple[int, Any] | None:
+    """(index, claim) of the claim `job` (as claimed) holds on the task, if any."""
+    owner = job.task(index).owner
+    claim = owner.get("claim") if isinstance(owner, dict) else None
+    return (index, claim) if claim is not None else None
+
+
+def _check_fence(job: Job, index: int, claim: Any) -> None:
+    owner = job.task(index).owner
+    if not isinstance(owner, dict) or owner.get("claim") != claim:
+        raise LeaseLost(job.id, index, claim, owner)
 
 
 def _result_outcomes(job: Job) -> dict[str, bool]:

@@ -139,6 +139,15 @@ def claim_upload(job: Job, index: int, owner: dict[str, Any], now: float) -> Job
 
 
 @_pure
+def renew_lease(job: Job, index: int, until: float, now: float | None = None) -> Job:
+    """The claim's holder is still working on it: its lease now ends at `until`."""
+    task = job.task(index)
+    if isinstance(task.owner, dict):
+        task.owner = {**task.owner, "lease_until": until}
+    return job
+
+
+@_pure
 def uploaded(job: Job, index: int, file_name: str, now: float) -> Job:
     task = job.task(index)
     task.state = task_transition(task.state, TaskEvent.UPLOADED, TaskState.UPLOADED)

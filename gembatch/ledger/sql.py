@@ -17,6 +17,7 @@ The engine's part of the interface (`load`, `load_active`, `add`, `add_many`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -135,6 +136,8 @@ class SqlLedger:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = sa.make_url(url)
+        if self.url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what we ship
+            self.url = self.url.set(drivername="postgresql+psycopg")
         self.on_change = on_change
         self.busy_timeout = float(busy_timeout)
         self.clock = clock
@@ -144,11 +147,14 @@ class SqlLedger:
         self._local = threading.local()
         self._pid = os.getpid()
         self._sqlite_path: Path | None = None
+        self._channel: str | None = None
         self._engine = self._create_engine()
         if self._sqlite_path is not None:
             _SQLITE_LEDGERS.add(self)
         try:
             self._migrate()
+            if self.dialect == "postgresql":
+                _ = self.notify_channel
         except BaseException:
             self._engine.dispose()
             raise
@@ -165,6 +171,21 @@ class SqlLedger:
     @property
     def dialect(self) -> str:
         return self._engine.dialect.name
+
+    @property
+    def notify_channel(self) -> str | None:
+        """PostgreSQL: the LISTEN channel on which every commit that adds events to a job
+        announces `<job id> <last seq>` (NOTIFY is delivered at commit, so a listener that
+        hears it can read the events). None on SQLite (one process tails the log)."""
+        if self.dialect != "postgresql":
+            return None
+        if self._channel is None:
+            schema = self._run(
+                lambda conn: conn.execute(sa.text("SELECT current_schema()")).scalar(),
+                write=False,
+            )
+            self._channel = f"gembatch_events_{schema}"[:63]
+        return self._channel
 
     def close(self) -> None:
         self._engine.dispose()
@@ -277,6 +298,64 @@ class SqlLedger:
             if new_records:
                 result.added = self.add_many(new_records)
             return result
+
+        return self._run(work, write=True)
+
+    def claim_starts(
+        self,
+        select: Callable[[list[Record], int], Mapping[str, Change]],
+        *,
+        max_busy: int,
+        now: float,
+        spare: int = 50,
+    ) -> ApplyResult:
+        """Claim work to start within a global limit, in one short transaction.
+
+        Claims are serialised (SQLite: the write lock; PostgreSQL: an advisory lock held
+        to commit), so the count of busy tasks cannot change under a decision and the
+        limit holds across processes. Only the jobs that may be taken are read: those with
+        a due, claimable task, highest priority first, then oldest; on PostgreSQL rows
+        another writer holds (a poll result being written) are skipped (`FOR UPDATE SKIP
+        LOCKED`) rather than waited for. `select(records, busy)` decides, as for
+        `transact`; `busy` counts the tasks holding or about to hold a remote batch.
+        """
+
+        def work(conn: Connection) -> ApplyResult:
+            self._serialize_decisions(conn)
+            busy_query = (
+                sa.select(sa.func.count())
+                .select_from(m.tasks)
+                .where(m.tasks.c.state.in_(BUSY_TASK_STATES))
+            )
+            busy = int(conn.execute(busy_query).scalar() or 0)
+            free = max_busy - busy
+            if free <= 0:
+                return ApplyResult()
+            due = sa.or_(m.tasks.c.not_before.is_(None), m.tasks.c.not_before <= now)
+            claimable = (
+                sa.select(m.tasks.c.job_id)
+                .where(
+                    m.tasks.c.job_id == m.jobs.c.id,
+                    m.tasks.c.state.in_(CLAIMABLE_TASK_STATES),
+                    due,
+                )
+                .exists()
+            )
+            query = (
+                sa.select(m.jobs.c.id)
+                .where(m.jobs.c.status.in_(STARTABLE_STATUSES), claimable)
+                .order_by(m.jobs.c.priority.desc(), m.jobs.c.created_at, m.jobs.c.id)
+                .limit(free + spare)
+            )
+            if self.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=m.jobs)
+            ids = list(conn.execute(query).scalars())
+            if not ids:
+                return ApplyResult()
+            rows = self._rows_by_id(conn, ids, lock=False)
+            records = [rows[job_id].record for job_id in ids if job_id in rows]
+            changes = select(records, busy)
+            return self._apply(conn, changes) if changes else ApplyResult()
 
         return self._run(work, write=True)
 
@@ -490,6 +569,7 @@ class SqlLedger:
                 return None
             conn.execute(m.job_events.insert(), _event_rows(job_id, last, [event], self.clock()))
             conn.execute(m.jobs.update().where(m.jobs.c.id == job_id).values(last_seq=last + 1))
+            self._announce(conn, {job_id: last + 1})
             self._dirty()
             return last + 1
 
@@ -566,6 +646,40 @@ class SqlLedger:
         return self._run(
             lambda conn: [Delivery(**row._mapping) for row in conn.execute(query)], write=False
         )
+
+    def claim_due_deliveries(
+        self, now: float, lease_seconds: float, limit: int = 100
+    ) -> list[Delivery]:
+        """Take the due deliveries for sending: their `next_at` moves to `now +
+        lease_seconds` in the same transaction, so no other process sends them meanwhile;
+        a sender that dies leaves them due again when the lease runs out. PostgreSQL
+        skips rows another claim holds (SKIP LOCKED); SQLite writers are serialised."""
+        until = now + lease_seconds
+        query = (
+            sa.select(m.deliveries)
+            .where(m.deliveries.c.delivered_at.is_(None), m.deliveries.c.next_at <= now)
+            .order_by(m.deliveries.c.next_at, m.deliveries.c.event_id, m.deliveries.c.url)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        lease = (
+            m.deliveries.update()
+            .where(
+                m.deliveries.c.event_id == sa.bindparam("b_event_id"),
+                m.deliveries.c.url == sa.bindparam("b_url"),
+            )
+            .values(next_at=until)
+        )
+
+        def work(conn: Connection) -> list[Delivery]:
+            due = [Delivery(**{**row._mapping, "next_at": until}) for row in conn.execute(query)]
+            if due:
+                conn.execute(lease, [{"b_event_id": d.event_id, "b_url": d.url} for d in due])
+                self._dirty()
+            return due
+
+        return self._run(work, write=True)
 
     def mark_delivered(self, event_id: int, url: str, at: float | str | None = None) -> None:
         when = at if isinstance(at, str) else _iso(self.clock() if at is None else at)
@@ -749,8 +863,9 @@ class SqlLedger:
         """`transact` decides from all active jobs: no other decision may interleave.
         SQLite's write lock (BEGIN IMMEDIATE) already serialises writers; PostgreSQL
         takes a transaction-scoped advisory lock (released at commit)."""
-        if self.dialect == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('gembatch.transact'))"))
+        if self.dialect == "postgresql":  # per schema: several ledgers may share a database
+            key = "hashtext('gembatch.transact.' || current_schema())"
+            conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({key})"))
 
     def _migrate(self) -> None:
         where = self.url.render_as_string(hide_password=True)
@@ -837,6 +952,8 @@ class SqlLedger:
                 new = change(copy_record(row.record))
             except Exception as exc:
                 result.errors[job_id] = exc
+                if getattr(exc, "code", None) == "LEASE_LOST":  # a late write, refused
+                    self._audit(conn, "ledger", "refused_transition", job_id, _refusal(exc))
                 continue
             if new is None:
                 result.records[job_id] = copy_record(row.record)
@@ -880,6 +997,10 @@ class SqlLedger:
             conn.execute(m.tasks.insert(), task_rows)
         if event_rows:
             conn.execute(m.job_events.insert(), event_rows)
+            last: dict[str, int] = {}
+            for row in event_rows:
+                last[row["job_id"]] = max(last.get(row["job_id"], 0), row["seq"])
+            self._announce(conn, last)
         self._dirty()
 
     def _update(
@@ -888,7 +1009,7 @@ class SqlLedger:
         stored, new_tasks = _split(new)
         values = _job_values(new, stored, now=now, previous=row)
         values["last_seq"] = row.last_seq + len(events)
-        conn.execute(m.jobs.update().where(m.jobs.c.id == row.id).values(**values))
+        conn.execute(_job_update(tuple(values)), {**values, "b_id": row.id})
         old_tasks = row.record.get("tasks") if isinstance(row.record.get("tasks"), list) else []
         changed = [
             {"b_job_id": row.id, "b_idx": i, **_task_values(row.id, i, task)}
@@ -914,11 +1035,27 @@ class SqlLedger:
             )
         if events:
             conn.execute(m.job_events.insert(), _event_rows(row.id, row.last_seq, events, now))
+            self._announce(conn, {row.id: values["last_seq"]})
         self._dirty()
         return _Row(row.id, values["status"], values["created_at"], values["finished_at"],
                     values["last_seq"], new)  # fmt: skip
 
+    def _announce(self, conn: Connection, last_seqs: Mapping[str, int]) -> None:
+        """PostgreSQL: NOTIFY `<job id> <seq>` for listeners in other processes (sent at
+        commit; payloads are tiny, the events themselves are read from the log)."""
+        if self.dialect != "postgresql" or not last_seqs:
+            return
+        channel = self.notify_channel
+        for job_id, seq in last_seqs.items():
+            payload = f"{job_id} {'deleted' if seq < 0 else seq}"
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": channel, "payload": payload},
+            )
+
     def _delete(self, conn: Connection, ids: list[str]) -> None:
+        if len(ids) <= 1000:  # a job's stream elsewhere ends at once; prunes are not watched
+            self._announce(conn, dict.fromkeys(ids, -1))
         for chunk in _chunks(ids):
             conn.execute(m.tasks.delete().where(m.tasks.c.job_id.in_(chunk)))
             conn.execute(m.job_events.delete().where(m.job_events.c.job_id.in_(chunk)))
@@ -948,6 +1085,24 @@ class SqlLedger:
 
 
 _ACTIVE = m.jobs.c.status.not_in(TERMINAL)
+
+
+@functools.lru_cache(maxsize=8)
+def _job_update(columns: tuple[str, ...]) -> Any:
+    """One UPDATE statement per set of columns, built once: SQLAlchemy then compiles it
+    once too (building a statement per row cost more than the write itself)."""
+    return (
+        m.jobs.update()
+        .where(m.jobs.c.id == sa.bindparam("b_id"))
+        .values({name: sa.bindparam(name) for name in columns})
+    )
+
+
+# Task states (the engine's TaskState values) for claims: which may be started, and
+# which hold (or are about to hold) one of the live remote batches of the global limit.
+CLAIMABLE_TASK_STATES = ("new", "uploaded")
+BUSY_TASK_STATES = ("uploading", "creating", "submitted")
+STARTABLE_STATUSES = ("pending", "running")
 
 # SQLite keeps per-process lock bookkeeping, and an idle WAL connection holds a shared
 # lock. A child forked with such connections open believes it holds locks it does not
@@ -1044,6 +1199,7 @@ def _task_values(job_id: str, idx: int, task: Any) -> dict[str, Any]:
         "display_name": _text(fields.get("display_name")),
         "batch_name": _text(batch_name),
         "record": task,
+        "not_before": m.task_not_before(task),
     }
 
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gembatch import __version__
@@ -48,6 +49,7 @@ from gembatch.server.views import job_status
 from gembatch.server.worker import ServiceWorker
 
 _log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"  # the web page served at `/`
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/json-lines")
 CREATE_BODY_DOC = {
     "requestBody": {
@@ -100,7 +102,9 @@ def create_app(
         max_live_batches=settings.max_live_batches, poll_concurrency=settings.poll_concurrency
     )
     engine = Engine(ledger, remote, tuned, role="serve", generation=ledger.restore_generation())
-    hub = EventHub(ledger, settings.event_poll_interval)
+    hub = EventHub(
+        ledger, settings.event_poll_interval, requery_interval=settings.event_requery_interval
+    )
     holder: dict[str, Any] = {}
     service = JobService(settings, ledger, engine, lambda: holder["worker"].wake())
     worker = ServiceWorker(engine, service, settings.poll_interval)
@@ -315,6 +319,7 @@ def create_app(
             "version": __version__,
             "database": database,
             "worker": worker.health(),
+            "events": hub.health(),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -328,12 +333,13 @@ def create_app(
         )
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    # -- the web page (static files: no build step) -------------------------------------------
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def home() -> HTMLResponse:
-        return HTMLResponse(
-            "<!doctype html><title>gembatch</title><h1>gembatch</h1>"
-            '<p>The API is documented at <a href="/docs">/docs</a>.</p>'
-        )
+    async def home() -> FileResponse:
+        """The job dashboard; it talks to this API like any other client."""
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     _describe_create_body(app)
     return BodyLimit(app, settings.max_upload_bytes)  # type: ignore[return-value]

@@ -194,3 +194,4 @@ class HealthModel(BaseModel):
     version: str
     database: str
     worker: dict[str, Any]
+    events: dict[str, Any] = {}

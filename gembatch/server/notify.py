@@ -8,6 +8,15 @@ ledger (`meta["notify_cursor"]`), each terminal event becomes one delivery row p
 (idempotent on event and URL), and a background loop sends due deliveries with timeouts,
 retrying with backoff. A restart continues from the cursor: nothing is skipped, and a
 delivered row is never sent again. Receivers dedupe on `X-Gembatch-Event-Id`.
+
+Several processes on one PostgreSQL: event ids are taken before commit, so an event can
+appear below ids already read. The cursor therefore only moves to a "settled" id: the
+highest id visible `settle_seconds` ago (every smaller id was taken before it, and write
+transactions are short, so each has committed or rolled back since). Events above it are
+read again each round and queued once (the outbox ignores repeats). SQLite writers are
+serialised: there the cursor settles at once. Each process queues what it reads, but a
+delivery is sent by one process only: it is claimed first (`FOR UPDATE SKIP LOCKED`, its
+`next_at` pushed ahead as a lease), so a sender that dies leaves it due after the lease.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,8 +44,12 @@ CURSOR_KEY = "notify_cursor"
 ACTOR = "notifier"
 GAVE_UP = "notify_failed"
 IDLE_SECONDS = 0.5
-EVENTS_PER_ROUND = 500
+EVENTS_PER_ROUND = 500  # per read; a round reads up to MAX_PAGES reads
+MAX_PAGES = 20
 DELIVERIES_PER_ROUND = 100
+CLAIMS_PER_SENDER = 4  # deliveries claimed per concurrent sender and round
+LEASE_MARGIN = 30.0  # seconds a claim lasts beyond the time its POSTs can take
+SETTLE_SECONDS = 30.0  # PostgreSQL: a write transaction ends this soon after taking ids
 MAX_ERROR_CHARS = 500
 NEVER = math.inf  # `next_at` of a delivery given up on
 
@@ -57,6 +71,7 @@ class Notifier:
         clock: Callable[[], float] = time.time,
         client: httpx.AsyncClient | None = None,
         concurrency: int = 8,
+        settle_seconds: float | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -70,6 +85,13 @@ class Notifier:
         self._client = client
         self._own_client = client is None
         self._concurrency = max(1, concurrency)
+        if settle_seconds is None:
+            postgres = getattr(ledger, "dialect", None) == "postgresql"
+            settle_seconds = SETTLE_SECONDS if postgres else 0.0
+        self.settle_seconds = settle_seconds
+        # (monotonic time, highest event id visible then): settled `settle_seconds` later.
+        self._marks: deque[tuple[float, int]] = deque()
+        self._queued: set[int] = set()  # terminal events above the cursor queued already
 
     # -- the loop ----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -109,17 +131,43 @@ class Notifier:
 
     # -- events -> deliveries ----------------------------------------------------------
     async def queue_events(self) -> bool:
-        """One delivery per (terminal event, URL); then move the cursor past them. A crash
-        between the two re-queues the same rows, which the ledger ignores."""
+        """One delivery per (terminal event, URL) for events above the cursor; then move
+        the cursor to the settled id. A crash between the two re-queues the same rows,
+        which the ledger ignores. True when more events wait than one round reads."""
         cursor = await _thread(self._read_cursor)
-        events = await _thread(
-            self.ledger.events_since, cursor, types=sorted(TERMINAL_EVENTS), limit=EVENTS_PER_ROUND
-        )
-        if not events:
-            return False
-        await _thread(self._queue, events)
-        await _thread(self.ledger.meta_set, CURSOR_KEY, str(events[-1].id))
-        return len(events) >= EVENTS_PER_ROUND
+        high = await _thread(self.ledger.last_event_id)
+        if not self._marks or high > self._marks[-1][1]:
+            self._marks.append((time.monotonic(), high))
+        after, complete = cursor, False
+        for _ in range(MAX_PAGES):
+            events = await _thread(
+                self.ledger.events_since, after, types=sorted(TERMINAL_EVENTS),
+                limit=EVENTS_PER_ROUND,
+            )  # fmt: skip
+            fresh = [event for event in events if event.id not in self._queued]
+            if fresh:
+                await _thread(self._queue, fresh)
+                self._queued.update(event.id for event in fresh)
+            if len(events) < EVENTS_PER_ROUND:
+                complete = True
+                break
+            after = events[-1].id
+        settled = self._settled()
+        if not complete:
+            settled = min(settled, after)
+        # Another process may have moved the cursor meanwhile: never move it back.
+        if settled > cursor and settled > await _thread(self._read_cursor):
+            await _thread(self.ledger.meta_set, CURSOR_KEY, str(settled))
+        self._queued = {event_id for event_id in self._queued if event_id > settled}
+        return not complete
+
+    def _settled(self) -> int:
+        """The highest id of the log below which no event can still appear (0: none)."""
+        settled = 0
+        horizon = time.monotonic() - self.settle_seconds
+        while self._marks and self._marks[0][0] <= horizon:
+            settled = self._marks.popleft()[1]
+        return settled
 
     def _read_cursor(self) -> int:
         text = self.ledger.meta_get(CURSOR_KEY)
@@ -146,8 +194,12 @@ class Notifier:
 
     # -- sending -----------------------------------------------------------------------
     async def send_due(self) -> bool:
-        """POST every due delivery (bounded concurrency); True when the batch was full."""
-        due = await _thread(self.ledger.due_deliveries, self._clock(), limit=DELIVERIES_PER_ROUND)
+        """Claim due deliveries and POST them (bounded concurrency); True when the batch
+        was full. The claim's lease outlasts every POST of the batch, so no other process
+        sends them meanwhile."""
+        limit = min(DELIVERIES_PER_ROUND, CLAIMS_PER_SENDER * self._concurrency)
+        lease = math.ceil(limit / self._concurrency) * (self.timeout + 1.0) + LEASE_MARGIN
+        due = await _thread(self.ledger.claim_due_deliveries, self._clock(), lease, limit)
         if not due:
             return False
         gate = asyncio.Semaphore(self._concurrency)
@@ -157,7 +209,7 @@ class Notifier:
                 await self._deliver(delivery)
 
         await asyncio.gather(*(one(d) for d in due))
-        return len(due) >= DELIVERIES_PER_ROUND
+        return len(due) >= limit
 
     async def _deliver(self, delivery: Any) -> None:
         error = await self._post(delivery)

@@ -31,6 +31,9 @@ class ServerSettings:
     api_key: str | None = None
     base_url: str | None = None
     event_poll_interval: float = 0.2  # how often the SSE hub reads new events (SQLite)
+    # PostgreSQL: how often the SSE hub re-reads every subscribed job's log without a
+    # notification (the safety net for a lost NOTIFY or a silent LISTEN connection).
+    event_requery_interval: float = 5.0
 
     @property
     def single_user(self) -> bool:

@@ -43,6 +43,9 @@ class ServiceWorker:
     async def run(self, stop: asyncio.Event) -> None:
         self.running = True
         failures = 0
+        beats = None
+        if self.engine.settings.lease_seconds:
+            beats = asyncio.create_task(self._heartbeats(stop), name="gembatch-heartbeat")
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -69,9 +72,21 @@ class ServiceWorker:
                 await _wait_any(stop, self._wake, delay)
         finally:
             self.running = False
+            if beats is not None:
+                beats.cancel()
             for task in list(self._starts):
                 task.cancel()  # a create cut short is reconciled by display name
             await asyncio.gather(*self._starts, return_exceptions=True)
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        """Renew the leases of claims in progress, three times per lease."""
+        period = max(0.05, (self.engine.settings.lease_seconds or 30.0) / 3)
+        while not stop.is_set():
+            try:
+                await self.engine.heartbeat()
+            except Exception:  # the next beat tries again; the lease has slack for it
+                _log.exception("renewing leases failed")
+            await _wait_any(stop, asyncio.Event(), period)
 
     def _start_round(self) -> None:
         """Upload and create what the limits allow, in the background."""

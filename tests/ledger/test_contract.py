@@ -1,6 +1,6 @@
 """The ledger contract, proven on every backend: the same tests against JsonlLedger and the
-SQL ledger (SQLite here; PostgreSQL joins by adding one entry to BACKENDS and a fixture
-that skips when no server is reachable)."""
+SQL ledger on SQLite and on PostgreSQL (each test in a schema of its own; skipped, saying
+why, when no PostgreSQL server is reachable)."""
 
 from __future__ import annotations
 
@@ -54,12 +54,15 @@ def _sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return f"sqlite:///{tmp_path / 'gembatch.db'}"
 
 
-# kind -> how to get a fresh, empty store for one test. PostgreSQL: add
-# `"postgresql": lambda tmp_path, request: request.getfixturevalue("postgresql_url")`,
-# with a fixture that skips (with its reason) when no server is reachable.
+def _postgresql(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("postgresql_url"))  # skips, saying why, without one
+
+
+# kind -> how to get a fresh, empty store for one test.
 BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], str]] = {
     "jsonl": _jsonl,
     "sqlite": _sqlite,
+    "postgresql": _postgresql,
 }
 
 

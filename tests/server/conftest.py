@@ -41,7 +41,8 @@ class ServiceLauncher:
     token; empty in single-user mode). `tokens` is a mapping user -> token (tokens of at
     least 16 characters) or an iterable of user names (tokens are generated). Give
     `emulator` to put a second service on an emulator already started (then
-    `emulator_config` must be None).
+    `emulator_config` must be None), and `db_url` to put it on a database of the test's
+    (several services may share one PostgreSQL database; default: its own SQLite file).
     """
 
     def __init__(self, root: Path) -> None:
@@ -63,6 +64,7 @@ class ServiceLauncher:
         tokens: Mapping[str, str] | Iterable[str] | None = None,
         emulator: EmulatorProcess | None = None,
         env: Mapping[str, str] | None = None,
+        db_url: str | None = None,
     ) -> ServiceProcess:
         if emulator is not None and emulator_config is not None:
             raise ValueError("give emulator_config or emulator, not both")
@@ -76,7 +78,10 @@ class ServiceLauncher:
             path.write_text("".join(f"{token} {user}\n" for user, token in users.items()))
             extra = ["--tokens", str(path), *extra]
         svc = ServiceProcess(
-            workdir, env={**emu.client_env(), **(env or {})}, args=[*DEFAULT_SERVICE_ARGS, *extra]
+            workdir,
+            env={**emu.client_env(), **(env or {})},
+            args=[*DEFAULT_SERVICE_ARGS, *extra],
+            db_url=db_url,
         )
         svc.emulator = emu  # type: ignore[attr-defined]
         svc.tokens = users  # type: ignore[attr-defined]

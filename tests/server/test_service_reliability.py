@@ -11,6 +11,7 @@ deadlines; nothing asserts how long something took.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -354,14 +355,20 @@ def _backup_mid_run(
     emu: EmulatorProcess, svc: ServiceProcess, tmp_path: Path, count: int
 ) -> tuple[list[str], Path, list[str]]:
     """`count` jobs whose batches all exist remotely, two of them with the create's reply
-    still on its way (the ledger says "creating" for 8 s or more, time enough for
-    a `gembatch db backup` on a busy machine); the backup.
+    still on its way (the ledger says "creating"); a `gembatch db backup` taken then.
     Returns the jobs, the backup, and the states of their tasks in the backup."""
     with svc.client() as client:
         jobs = [create_job(client, inline_body(2, f"backup {n}")) for n in range(count)]
     eventually(lambda: emu.stats()["batches_created"] == count, what="every batch created")
-    backup = tmp_path / "backup.db"
-    made = gembatch("db", "backup", str(backup), "--db", svc.db_url, cwd=tmp_path)
+    # Paused, the service cannot record the held replies while the backup is taken, however
+    # slow a busy machine makes `gembatch db backup`.
+    assert svc.proc is not None
+    svc.proc.send_signal(signal.SIGSTOP)
+    try:
+        backup = tmp_path / "backup.db"
+        made = gembatch("db", "backup", str(backup), "--db", svc.db_url, cwd=tmp_path)
+    finally:
+        svc.proc.send_signal(signal.SIGCONT)
     assert made.returncode == 0, made.stderr
     inspect = tmp_path / "inspect.db"  # read a copy: opening a ledger may write to it
     inspect.write_bytes(backup.read_bytes())
