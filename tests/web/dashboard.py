@@ -1,0 +1,93 @@
+"""The job dashboard as tests see it: a page object over Playwright, and input files.
+
+Why: the tests speak of what a person does (upload a file, press Cancel, confirm a forced
+delete) and what they see (a row's status, step and bar); the selectors behind those words
+live here once, found by role and label as a keyboard or screen-reader user finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gembatch.server.process import ServiceProcess
+from tests.server.conftest import jsonl, request_item
+from tests.server.test_api import STUCK, UNKNOWN_MODEL
+
+__all__ = ["STUCK", "UNKNOWN_MODEL", "Dashboard", "requests_file"]
+
+
+def requests_file(path: Path, count: int, prefix: str = "k", failing: Iterable[int] = ()) -> Path:
+    """A JSONL input of `count` requests keyed `<prefix><n>`; those numbered in `failing`
+    ask the emulator for an error line (the batch still succeeds)."""
+    bad = set(failing)
+    items = [
+        request_item(f"{prefix}{n}", f"prompt {n}" + (" [[emulator:error]]" if n in bad else ""))
+        for n in range(1, count + 1)
+    ]
+    path.write_text(jsonl(items), encoding="utf-8")
+    return path
+
+
+class Dashboard:
+    def __init__(self, page: Any, service: ServiceProcess) -> None:
+        self.page = page
+        self.service = service
+
+    def open(self) -> Dashboard:
+        from playwright.sync_api import expect
+
+        self.page.goto(self.service.base_url + "/")
+        expect(self.page.get_by_role("heading", name="Jobs", exact=True)).to_be_visible()
+        return self
+
+    def upload(self, path: Path, model: str | None = None) -> None:
+        """Choose `path` in the form (and a model), and press Create job."""
+        self.page.get_by_label("JSONL file").set_input_files(str(path))
+        if model is not None:
+            self.page.get_by_label("Model").fill(model)
+        self.page.get_by_role("button", name="Create job").click()
+
+    def row(self, name: str) -> Any:
+        """The list item of the job displayed as `name` (its file name by default)."""
+        return self.page.get_by_role("listitem", name=f"Job {name}", exact=True)
+
+    def button(self, name: str, action: str) -> Any:
+        """A row's button: `action` is its visible text (Cancel, Delete, Download results)."""
+        return self.row(name).get_by_role("button", name=f"{action} {name}", exact=True)
+
+    def job_id(self, name: str) -> str:
+        value = self.row(name).get_attribute("data-job-id")
+        assert value, f"no job id on the row of {name}"
+        return value
+
+    def wait_for(self, name: str, status: str, step: str | None = None) -> Any:
+        """The row, once it shows `status` (and `step`)."""
+        from playwright.sync_api import expect
+
+        row = self.row(name)
+        expect(row).to_have_attribute("data-status", status)
+        if step is not None:
+            expect(row).to_have_attribute("data-step", step)
+        return row
+
+    def seen(self, job_id: str) -> list[tuple[str, str, float]]:
+        """Every (status, step, progress) the job's row showed, in order."""
+        rows = self.page.evaluate("(id) => window.__gembatchSeen[id] || []", job_id)
+        return [(status, step, float(progress)) for status, step, progress in rows]
+
+    def streams(self, job_id: str) -> list[dict[str, Any]]:
+        """The EventSources the page opened for the job: `{url, events}`."""
+        every = self.page.evaluate("() => window.__gembatchStreams")
+        return [s for s in every if f"/api/job/{job_id}/stream" in s["url"]]
+
+    def wait_stream_end(self, job_id: str, event: str) -> dict[str, Any]:
+        """The job's EventSource, once its last event is `event` (`completed`, `error`)."""
+        self.page.wait_for_function(
+            """([id, type]) => window.__gembatchStreams.some(
+                 (s) => s.url.includes(`/api/job/${id}/stream`) && s.events.at(-1) === type)""",
+            arg=[job_id, event],
+        )
+        (stream,) = self.streams(job_id)
+        return stream
