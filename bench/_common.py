@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` from a checkout without an 
     sys.path.insert(0, str(ROOT))
 
 from gembatch.emulator.process import EmulatorProcess  # noqa: E402
+from gembatch.server.process import ServiceProcess  # noqa: E402
 
 API = "v1beta"
 
@@ -49,6 +50,44 @@ def process_cpu(pid: int) -> float:
 def start_emulator(config: dict[str, Any], state_dir: Path | None = None) -> EmulatorProcess:
     """An emulator in its own process (as users and tests run it)."""
     return EmulatorProcess(state_dir=state_dir, config=config).start()
+
+
+def start_service(
+    workdir: Path,
+    emulator: EmulatorProcess,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """`gembatch serve` in its own process (single user, SQLite), on this emulator."""
+    environment = {**emulator.client_env(), **(env or {})}
+    return ServiceProcess(workdir, env=environment, args=list(args)).start()
+
+
+def create_service_job(base_url: str, requests: int, **options: Any) -> str:
+    """One job of `requests` tiny inline requests through the service's API; its id."""
+    body = {
+        "requests": [
+            {"key": f"k{n}", "request": {"contents": [{"parts": [{"text": f"p{n}"}]}]}}
+            for n in range(requests)
+        ],
+        **options,
+    }
+    response = httpx.post(f"{base_url}/api/job/batch", json=body, timeout=60)
+    response.raise_for_status()
+    return response.json()["job_id"]
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` (children inherit it);
+    returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 def upload_small_file(base_url: str, api_key: str, lines: int = 1) -> str:
