@@ -213,6 +213,15 @@ class Engine:
                 self._held.pop((job_id, index), None)  # taken over: stop renewing it
         return len(held) - sum(1 for job_id, _ in held if job_id in lost)
 
+    def _renewed(self, job: Job, index: int, now: float) -> dict[str, Any]:
+        """The task's owner (this claim) with its lease counted from `now`: the one recorded
+        at the claim may have run out during a long upload (heartbeats renew the ledger's
+        copy, not this one)."""
+        owner = dict(job.task(index).owner or {})
+        if self.settings.lease_seconds:
+            owner["lease_until"] = now + self.settings.lease_seconds
+        return owner
+
     def _hold(self, job: Job, index: int) -> Any:
         claim = (job.task(index).owner or {}).get("claim")
         self._held[(job.id, index)] = claim
@@ -449,10 +458,18 @@ class Engine:
         if not claimed:
             return []
         gate = gate or asyncio.Semaphore(self.settings.upload_concurrency)
+        # Every claim is renewed from now on, also while it waits for the gate: a claim
+        # left to expire in the queue would be taken over by another process while this
+        # one still means to work on it.
+        for job, index in claimed:
+            self._hold(job, index)
 
         async def run(job: Job, index: int) -> StartOutcome:
-            async with gate:
-                return await self._start_task(job, index)
+            try:
+                async with gate:
+                    return await self._upload_and_create(job, index)
+            finally:
+                self._release_hold(job.id, index)
 
         return list(await asyncio.gather(*(run(job, index) for job, index in claimed)))
 
@@ -509,13 +526,6 @@ class Engine:
         ok = set(result.records) - set(result.errors)
         return [(Job.from_record(result.records[j.id]), i) for j, i in claimed if j.id in ok]
 
-    async def _start_task(self, job: Job, index: int) -> StartOutcome:
-        self._hold(job, index)  # renewed by `heartbeat` until the step's outcome is written
-        try:
-            return await self._upload_and_create(job, index)
-        finally:
-            self._release_hold(job.id, index)
-
     async def _upload_and_create(self, job: Job, index: int) -> StartOutcome:
         task = job.task(index)
         if task.state is TaskState.UPLOADING:
@@ -532,16 +542,40 @@ class Engine:
                             self._change(
                                 reducers.uploaded, index, uploaded, now, fence=_fence(job, index)
                             ),
-                            self._change(reducers.claim_create, index, job.task(index).owner, now),
+                            self._change(
+                                reducers.claim_create, index, self._renewed(job, index, now), now
+                            ),
                         ]
                     )
                 }
             )
             if job.id not in claim.records or job.id in claim.errors:
+                # Not ours any more (lease lost, job deleted): the file is nobody's.
+                with contextlib.suppress(Exception):
+                    await self.remote.delete_file(uploaded)
                 message = str(claim.errors.get(job.id, "job vanished from the ledger"))
                 return StartOutcome(job.id, index, job.input_file, False, message)
             job = Job.from_record(claim.records[job.id])
+        elif not await self._still_mine(job, index, intent=True):
+            # The claim waited for its turn and was taken over meanwhile: creating now
+            # could pay twice (the process that took over creates its own).
+            return StartOutcome(
+                job.id, index, job.input_file, False, "claim taken over before the create"
+            )
         return await self._create(job, index)
+
+    async def _still_mine(self, job: Job, index: int, *, intent: bool = False) -> bool:
+        """Whether this engine's claim (as `job` recorded it) still holds the task, its
+        lease renewed by the check: a remote side effect that only the holder may cause
+        (a create, deleting the task's uploaded file) is safe for a whole lease after."""
+        fence = _fence(job, index)
+        if fence is None or not self.settings.lease_seconds:
+            return True  # claims without leases are taken over only from dead processes
+        now = self.clock()
+        until = now + self.settings.lease_seconds
+        change = self._change(reducers.renew_lease, index, until, now, intent=intent, fence=fence)
+        result = await self._apply({job.id: change})
+        return job.id in result.records and job.id not in result.errors
 
     async def _upload(self, job: Job, index: int) -> str | StartOutcome:
         """The task's byte range of the input, streamed up; the new file's name."""
@@ -572,8 +606,11 @@ class Engine:
                 if found is not None:
                     return await self._created(job, index, found.to_batch_dict())
             deleted = False
-            with contextlib.suppress(Exception):
-                deleted = await self.remote.delete_file(task.uploaded_file_name) or True
+            # Only while the claim holds: a process that took the task over may be
+            # creating its batch from this very file.
+            if await self._still_mine(job, index):
+                with contextlib.suppress(Exception):
+                    deleted = await self.remote.delete_file(task.uploaded_file_name) or True
             return await self._step_failed(
                 job,
                 index,
@@ -762,21 +799,24 @@ class Engine:
             return
         result = await self._apply({jid: _chain(fs) for jid, fs in claims.items()})
         gate = asyncio.Semaphore(self.settings.download_concurrency)
+        mine = [
+            (Job.from_record(result.records[job_id]), index)
+            for job_id, index in targets
+            if job_id in result.records and job_id not in result.errors
+        ]
+        for job, index in mine:  # renewed while they wait for the gate, too
+            self._hold(job, index)
 
-        async def run(job_id: str, index: int) -> None:
-            if job_id not in result.records or job_id in result.errors:
-                return
-            async with gate:
-                job = Job.from_record(result.records[job_id])
-                self._hold(job, index)
-                try:
+        async def run(job: Job, index: int) -> None:
+            try:
+                async with gate:
                     message = await self._download_task(job, index)
-                finally:
-                    self._release_hold(job_id, index)
-                if message:
-                    report.errors.append((job_id, message))
+            finally:
+                self._release_hold(job.id, index)
+            if message:
+                report.errors.append((job.id, message))
 
-        await asyncio.gather(*(run(job_id, index) for job_id, index in targets))
+        await asyncio.gather(*(run(job, index) for job, index in mine))
 
     async def _download_task(self, job: Job, index: int) -> str | None:
         """Stream the results beside their destination, verify every key, then rename.
@@ -989,7 +1029,12 @@ def work_dir(job: Job) -> Path:
 
 
 def part_path(job: Job, task: Any) -> Path:
-    return work_dir(job) / f"{_stem(job)}.{job.id}.t{task.index}a{task.attempt}.jsonl"
+    """Where a task's verified results wait to be merged. The claim is part of the name:
+    a process whose download claim was taken over never touches the file of the one that
+    took over (servers on several machines share the data directory)."""
+    claim = (task.owner or {}).get("claim") if isinstance(task.owner, dict) else None
+    suffix = f".{claim}" if claim else ""
+    return work_dir(job) / f"{_stem(job)}.{job.id}.t{task.index}a{task.attempt}{suffix}.jsonl"
 
 
 def _stem(job: Job) -> str:

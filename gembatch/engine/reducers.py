@@ -139,11 +139,17 @@ def claim_upload(job: Job, index: int, owner: dict[str, Any], now: float) -> Job
 
 
 @_pure
-def renew_lease(job: Job, index: int, until: float, now: float | None = None) -> Job:
-    """The claim's holder is still working on it: its lease now ends at `until`."""
+def renew_lease(
+    job: Job, index: int, until: float, now: float | None = None, *, intent: bool = False
+) -> Job:
+    """The claim's holder is still working on it: its lease now ends at `until`. With
+    `intent`, the create is about to be sent now (`intent_at`: how long a create whose
+    sender vanished may still be in flight is counted from here)."""
     task = job.task(index)
     if isinstance(task.owner, dict):
         task.owner = {**task.owner, "lease_until": until}
+        if intent and now is not None:
+            task.owner["intent_at"] = now_iso(now)
     return job
 
 

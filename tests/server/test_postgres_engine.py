@@ -10,7 +10,6 @@ of its own) and skip, saying why, when it is not there.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -41,10 +40,12 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     started: list[ServiceProcess] = []
     shared = tmp_path / "shared-data"
 
-    def start(emu: EmulatorProcess, db_url: str, *args: str) -> ServiceProcess:
+    def start(
+        emu: EmulatorProcess, db_url: str, *args: str, env: dict[str, str] | None = None
+    ) -> ServiceProcess:
         svc = ServiceProcess(
             tmp_path / f"server-{len(started)}",
-            env=emu.client_env(),
+            env={**emu.client_env(), **(env or {})},
             db_url=db_url,
             args=["--data-dir", str(shared), "--poll-interval", "0.3", *args],
         )
@@ -58,12 +59,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
         svc.stop()
 
 
-@pytest.mark.skipif(
-    os.environ.get("GEMBATCH_LONG_TESTS") != "1",
-    reason="5 minutes on 2 cores; set GEMBATCH_LONG_TESTS=1. Known failure on a loaded "
-    "machine: a server whose lease expires while it still works deletes an uploaded input "
-    "that the server which took over then uses (403 on create; ~1 % of jobs fail)",
-)
+@pytest.mark.slow
 def test_three_servers_one_killed_finish_500_jobs_with_one_batch_per_task(
     emulator_factory: EmulatorFactory, servers: Any, postgresql_url: str
 ) -> None:
@@ -152,6 +148,40 @@ def test_a_server_paused_past_its_lease_cannot_undo_the_takeover(
     assert emu.stats()["batches_created"] == 1
     with b.client() as client:
         assert len(client.get(f"/api/job/{job_id}/results").text.splitlines()) == 2
+
+
+def test_claims_waiting_for_their_upload_turn_keep_their_lease(
+    emulator_factory: EmulatorFactory, servers: Any, postgresql_url: str
+) -> None:
+    """A server claims every task the limits allow at once and uploads them a few at a
+    time. The claims that wait their turn must be renewed like the ones in progress:
+    otherwise a second server takes them over (re-uploads them, and may create a batch
+    from a file the first then deletes: 403, or pay twice)."""
+    rules = [{"endpoint": "files.upload", "latency_ms": 1500}]
+    emu = emulator_factory(
+        {"clock": {"pending_seconds": 0.3, "running_seconds": 0.5}, "faults": {"rules": rules}}
+    )
+    one_at_a_time = {"GEMBATCH_ENGINE": json.dumps({"upload_concurrency": 1})}
+    lease = ("--lease-seconds", "1.5", "--max-live-batches", "20")
+    a = servers(emu, postgresql_url, *lease, env=one_at_a_time)
+    with a.client() as client:
+        jobs = [create_job(client, inline_body(1, f"queued {n}")) for n in range(6)]
+    # A claimed all six; the last waits ~3.5 s for its upload turn, past its 1.5 s lease.
+    eventually(lambda: emu.stats()["uploads"] >= 1, what="A's first upload")
+    b = servers(emu, postgresql_url, *lease)  # would take over any claim A let expire
+
+    def finished() -> dict[str, Any] | None:
+        found = ledger_records(postgresql_url, jobs)
+        done = all(r["status"] in ("completed", "failed") for r in found.values())
+        return found if done else None
+
+    records = eventually(finished, timeout=90, what="every job finished")
+    assert {r["status"] for r in records.values()} == {"completed"}, records
+    stats = emu.stats()
+    assert stats["uploads"] == 6  # none re-uploaded by B
+    assert stats["batches_created"] == 6
+    assert all(n == 1 for n in stats["creates_by_display_name"].values())
+    assert b.proc is not None and b.proc.poll() is None
 
 
 def test_a_database_of_the_previous_schema_version_opens_and_migrates(
