@@ -221,7 +221,7 @@ def phase(
         "connect_s": connected,
         "samples": flat,
         "events": len(complete),
-        "per_event_last": sorted(max(v) for v in complete.values()),
+        "per_event_last": [max(complete[seq]) for seq in sorted(complete)],
         "server_cpu": cpu,
         "client_cpu": client_cpu,
         "wall": wall,
@@ -257,7 +257,7 @@ def report(args: argparse.Namespace, single: dict[str, Any], fan: dict[str, Any]
         f"{p99 / max(_quantile(single['samples'], 0.99), 1e-9):.1f} x the 1-client p99)"
     )
     last = ", ".join(f"{v * 1e3:.0f}" for v in fan["per_event_last"])
-    print(f"  per event, until the last client had it: {last} ms")
+    print(f"  per event (in order), until the last client had it: {last} ms")
     print(
         f"  connecting {args.clients} clients took {fan['connect_s']:.1f} s; during the events "
         f"the server used {fan['server_cpu']:.2f} s CPU ({fan['server_cpu'] / fan['wall']:.0%} "

@@ -193,6 +193,17 @@ def _m3_task_due(conn: Connection) -> None:
         )
 
 
+# -- migration 4: the public status, kept with the job ---------------------------------------
+
+
+def _m4_status_view(conn: Connection) -> None:
+    """The job's public status object (JSON text), written with every change of the job,
+    so that the status endpoint (polled by every browser) is one indexed read. Rows of
+    older versions keep NULL there until they next change: readers then build it from
+    the record, as before."""
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN view TEXT"))
+
+
 def task_not_before(task: Any) -> float | None:
     value = task.get("not_before") if isinstance(task, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -218,6 +229,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _m1_initial),
     Migration(2, "jobs.input_file and jobs.batch_name lookup columns", _m2_lookup_columns),
     Migration(3, "tasks.not_before: claims by index", _m3_task_due),
+    Migration(4, "jobs.view: the public status, for one-read status calls", _m4_status_view),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -292,6 +304,7 @@ jobs = sa.Table(
     sa.Column("record", sa.JSON, nullable=False),
     sa.Column("input_file", sa.Text),  # migration 2
     sa.Column("batch_name", sa.Text),  # migration 2
+    sa.Column("view", sa.Text),  # migration 4
 )
 
 tasks = sa.Table(

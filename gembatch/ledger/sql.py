@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -50,6 +51,7 @@ from gembatch.ledger import migrations as m
 # The JSONL ledger's own status guard: both ledgers refuse exactly the same changes.
 from gembatch.ledger.jsonl import ApplyResult, _check_status_change, copy_record
 
+_log = logging.getLogger(__name__)
 T = TypeVar("T")
 Change = Callable[[Record], Record | None]
 
@@ -72,6 +74,7 @@ class _EventLike(Protocol):
 
 
 OnChange = Callable[[Record | None, Record | None], Sequence[_EventLike]]
+View = Callable[[Record], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,10 @@ class SqlLedger:
     `url`: `sqlite:///path/to/gembatch.db` (a file: created with its directory if missing)
     or `postgresql+psycopg://...`. `on_change(old, new)` returns the events a change
     produces (`gembatch.server.events.events_for`); they are written with the change, in
-    its transaction. It must be pure and fast, like every callback given to `apply` and
-    `transact`: they run while the database is locked for writing.
+    its transaction. `view(record)` gives the job's public status object (the service's
+    JobStatus), stored with every change for `status_view`. Both must be pure and fast,
+    like every callback given to `apply` and `transact`: they run while the database is
+    locked for writing.
 
     Thread-safe; after `fork()` the child opens its own connections. `writes` counts the
     committed transactions that changed something; `busy_retries` the times a busy SQLite
@@ -132,6 +137,7 @@ class SqlLedger:
         url: str | sa.URL,
         *,
         on_change: OnChange | None = None,
+        view: View | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -139,6 +145,7 @@ class SqlLedger:
         if self.url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what we ship
             self.url = self.url.set(drivername="postgresql+psycopg")
         self.on_change = on_change
+        self.view = view
         self.busy_timeout = float(busy_timeout)
         self.clock = clock
         self.writes = 0
@@ -148,6 +155,8 @@ class SqlLedger:
         self._pid = os.getpid()
         self._sqlite_path: Path | None = None
         self._channel: str | None = None
+        self._commit_listeners: list[Callable[[dict[str, int]], None]] = []
+        self._raw: dict[int, sqlite3.Connection] = {}  # SQLite: per-thread reads
         self._engine = self._create_engine()
         if self._sqlite_path is not None:
             _SQLITE_LEDGERS.add(self)
@@ -188,7 +197,18 @@ class SqlLedger:
         return self._channel
 
     def close(self) -> None:
+        self._close_raw()
         self._engine.dispose()
+
+    def add_commit_listener(self, listener: Callable[[dict[str, int]], None]) -> None:
+        """Call `listener(notes)` after each commit, in this process, that added events
+        (`job id -> its last seq`) or deleted jobs (`job id -> -1`). It runs in the
+        committing thread, after the commit: it must be quick and must not raise."""
+        self._commit_listeners.append(listener)
+
+    def remove_commit_listener(self, listener: Callable[[dict[str, int]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._commit_listeners.remove(listener)
 
     # -- the engine's interface (the Ledger contract) --------------------------------------
 
@@ -403,6 +423,63 @@ class SqlLedger:
 
         return self._run(work, write=False)
 
+    @property
+    def reads_inline(self) -> bool:
+        """Whether a one-row read may run on an event loop: SQLite in WAL mode never waits
+        for a writer; PostgreSQL is a network round trip (use a thread)."""
+        return self._sqlite_path is not None
+
+    def status_view(self, job_id: str, user_id: str | None = None) -> str | None:
+        """The job's public status as JSON text (what `view` gave at its last change), or
+        None when there is no such job (or it is another user's). One indexed read of
+        one column; on SQLite over a connection of this thread's own, without the pool."""
+        if self._sqlite_path is not None:
+            row = (
+                self._raw_sqlite()
+                .execute(
+                    _VIEW_SQL if user_id is None else _VIEW_BY_USER_SQL,
+                    (job_id,) if user_id is None else (job_id, user_id),
+                )
+                .fetchone()
+            )
+            found, text = (row is not None), (row[0] if row is not None else None)
+        else:
+            query = _VIEW_BY_ID if user_id is None else _VIEW_BY_USER
+            params = {"b_id": job_id} if user_id is None else {"b_id": job_id, "b_user": user_id}
+            result = self._run(lambda conn: conn.execute(query, params).first(), write=False)
+            found, text = (result is not None), (result[0] if result is not None else None)
+        if not found:
+            return None
+        if text is None:  # written by an older version, unchanged since: build it
+            record = self.get(job_id, user_id)
+            if record is None:
+                return None
+            if self.view is None:
+                raise RuntimeError("status_view needs the ledger's `view` function")
+            return json.dumps(self.view(record), ensure_ascii=False)
+        return text
+
+    def _raw_sqlite(self) -> sqlite3.Connection:
+        """This thread's own autocommit connection for one-row reads."""
+        self._after_fork()
+        thread = threading.get_ident()
+        conn = self._raw.get(thread)
+        if conn is None:
+            assert self._sqlite_path is not None
+            conn = sqlite3.connect(
+                self._sqlite_path, timeout=self.busy_timeout, check_same_thread=False,
+                isolation_level=None,
+            )  # fmt: skip
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._raw[thread] = conn
+        return conn
+
+    def _close_raw(self) -> None:
+        raw, self._raw = self._raw, {}
+        for conn in raw.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def list_jobs(
         self,
         user_id: str | None = None,
@@ -539,6 +616,10 @@ class SqlLedger:
             query = query.where(m.job_events.c.type.in_(list(types)))
         query = query.order_by(m.job_events.c.id).limit(limit)
         return self._run(lambda conn: _stored(conn.execute(query)), write=False)
+
+    def present_ids(self, ids: Collection[str]) -> set[str]:
+        """Which of `ids` are jobs in the ledger now."""
+        return self._run(lambda conn: self._existing_ids(conn, list(ids)), write=False)
 
     def last_event_id(self) -> int:
         """The highest event id (0 when there are none): where a new tail starts."""
@@ -819,6 +900,7 @@ class SqlLedger:
                 with self._engine.connect() as conn:
                     conn.execution_options(**{_WRITE: write})
                     local.conn, local.write, local.dirty = conn, write, False
+                    local.notes = {}
                     try:
                         with conn.begin():
                             result = work(conn)
@@ -834,6 +916,13 @@ class SqlLedger:
         if local.dirty:
             with self._counters:
                 self.writes += 1
+        notes, local.notes = local.notes, None
+        if notes and self._commit_listeners:
+            for listener in list(self._commit_listeners):
+                try:
+                    listener(notes)
+                except Exception:  # a listener's trouble is not the write's
+                    _log.exception("commit listener failed")
         return result
 
     def _retryable(self, exc: BaseException) -> bool:
@@ -855,6 +944,10 @@ class SqlLedger:
             self._pid = os.getpid()
             self._engine.dispose(close=False)
             self._local = threading.local()
+            # The parent's per-thread connections: never used here, nor closed (closing
+            # the last connection of a WAL database may checkpoint it from this child).
+            _FORKED_AWAY.append(self._raw)
+            self._raw = {}
 
     def _dirty(self) -> None:
         self._local.dirty = True
@@ -978,6 +1071,15 @@ class SqlLedger:
             result.records[job_id] = copy_record(row.record)
         return result
 
+    def _view_text(self, record: Record) -> str | None:
+        if self.view is None:
+            return None
+        try:
+            return json.dumps(self.view(record), ensure_ascii=False)
+        except Exception:  # a record the view cannot read: readers build it themselves
+            _log.exception("building the status view of job %s failed", record.get("id"))
+            return None
+
     def _events(self, old: Record | None, new: Record | None) -> list[_EventLike]:
         return list(self.on_change(old, new)) if self.on_change is not None else []
 
@@ -988,7 +1090,7 @@ class SqlLedger:
             events = self._events(None, record)
             stored, task_list = _split(record)
             values = _job_values(record, stored, now=now, previous=None)
-            values.update(id=record["id"], last_seq=len(events))
+            values.update(id=record["id"], last_seq=len(events), view=self._view_text(record))
             job_rows.append(values)
             task_rows.extend(_task_values(record["id"], i, t) for i, t in enumerate(task_list))
             event_rows.extend(_event_rows(record["id"], 0, events, now))
@@ -1009,6 +1111,7 @@ class SqlLedger:
         stored, new_tasks = _split(new)
         values = _job_values(new, stored, now=now, previous=row)
         values["last_seq"] = row.last_seq + len(events)
+        values["view"] = self._view_text(new)
         conn.execute(_job_update(tuple(values)), {**values, "b_id": row.id})
         old_tasks = row.record.get("tasks") if isinstance(row.record.get("tasks"), list) else []
         changed = [
@@ -1043,6 +1146,9 @@ class SqlLedger:
     def _announce(self, conn: Connection, last_seqs: Mapping[str, int]) -> None:
         """PostgreSQL: NOTIFY `<job id> <seq>` for listeners in other processes (sent at
         commit; payloads are tiny, the events themselves are read from the log)."""
+        notes = getattr(self._local, "notes", None)
+        if notes is not None:
+            notes.update(last_seqs)  # for this process's listeners, after the commit
         if self.dialect != "postgresql" or not last_seqs:
             return
         channel = self.notify_channel
@@ -1054,7 +1160,7 @@ class SqlLedger:
             )
 
     def _delete(self, conn: Connection, ids: list[str]) -> None:
-        if len(ids) <= 1000:  # a job's stream elsewhere ends at once; prunes are not watched
+        if len(ids) <= 1000:  # a job's stream ends at once; big prunes are not watched
             self._announce(conn, dict.fromkeys(ids, -1))
         for chunk in _chunks(ids):
             conn.execute(m.tasks.delete().where(m.tasks.c.job_id.in_(chunk)))
@@ -1085,6 +1191,12 @@ class SqlLedger:
 
 
 _ACTIVE = m.jobs.c.status.not_in(TERMINAL)
+_VIEW_BY_ID = sa.select(m.jobs.c.view).where(m.jobs.c.id == sa.bindparam("b_id"))
+_VIEW_BY_USER = sa.select(m.jobs.c.view).where(
+    m.jobs.c.id == sa.bindparam("b_id"), m.jobs.c.user_id == sa.bindparam("b_user")
+)
+_VIEW_SQL = "SELECT view FROM jobs WHERE id = ?"
+_VIEW_BY_USER_SQL = "SELECT view FROM jobs WHERE id = ? AND user_id = ?"
 
 
 @functools.lru_cache(maxsize=8)
@@ -1109,6 +1221,7 @@ STARTABLE_STATUSES = ("pending", "running")
 # (fcntl locks are not inherited), which can let another process reset the WAL under it.
 # So before any fork every SQLite ledger closes its idle connections; they reopen on use.
 _SQLITE_LEDGERS: weakref.WeakSet[SqlLedger] = weakref.WeakSet()
+_FORKED_AWAY: list[dict[int, sqlite3.Connection]] = []  # a child's inherited connections
 
 
 def _close_idle_sqlite_connections() -> None:

@@ -14,6 +14,12 @@ every commit, and the hub reads `events_after(job, last seq published)` for the 
 has subscribers for. NOTIFY has no replay, so every subscribed job is also re-read
 periodically and after each reconnect of the LISTEN connection (a lost notification or a
 silent, half-open connection then costs latency, never an event).
+
+Commits made by this process wake the hub at once (`local_commit`, called by the ledger
+after each commit that wrote events or deleted jobs), so an event leaves for its streams
+within milliseconds; the interval and the re-query are only the safety net. Each event is
+encoded once, whatever the number of its streams, and a stream is a wait on its queue:
+1,000 browsers on one job cost one read of the log per event, not 1,000.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
+
+from sse_starlette.event import ServerSentEvent
 
 from gembatch.gemini.errors import scrub
 from gembatch.jobs import Job
@@ -36,21 +43,38 @@ from gembatch.server.views import job_status
 
 _log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000
-RECHECK_SECONDS = 5.0  # safety net: re-read the job's log even without a wake-up
-REQUERY_SECONDS = 5.0  # PostgreSQL: re-read every subscribed job this often (lost NOTIFYs)
+REQUERY_SECONDS = 5.0  # safety net: re-read (PostgreSQL) or re-check (SQLite) followed jobs
 LISTEN_CHECK_SECONDS = 15.0  # PostgreSQL: prove the LISTEN connection alive this often
 LISTEN_BACKOFF = (0.5, 30.0)  # reconnect delays: first, largest (doubling, with jitter)
 LISTEN_APPLICATION = "gembatch-listen"  # application_name, then `-<pid>`
 PAGE = 1000  # events per read
+SEPARATOR = "\r\n"  # sse-starlette's own
 
 
-@dataclass(frozen=True)
 class HubEvent:
-    job_id: str
-    seq: int
-    type: str
-    data: dict[str, Any]
-    deleted: bool = False  # the job is gone (its log with it): the stream ends
+    """An event of a job's log as streams send it; `encoded` (the SSE bytes) is built once
+    for all its subscribers."""
+
+    __slots__ = ("_encoded", "data", "deleted", "job_id", "seq", "type")
+
+    def __init__(
+        self, job_id: str, seq: int, type: str, data: dict[str, Any], deleted: bool = False
+    ) -> None:
+        self.job_id = job_id
+        self.seq = seq
+        self.type = type
+        self.data = data
+        self.deleted = deleted  # the job is gone (its log with it): the stream ends
+        self._encoded: bytes | None = None
+
+    @property
+    def encoded(self) -> bytes:
+        if self._encoded is None:
+            self._encoded = sse(self.type, self.seq, self.data)
+        return self._encoded
+
+    def __repr__(self) -> str:
+        return f"HubEvent({self.job_id!r}, {self.seq}, {self.type!r}, deleted={self.deleted})"
 
 
 class EventHub:
@@ -85,6 +109,7 @@ class EventHub:
         self._gone: set[str] = set()  # jobs a notification said were deleted
         self._check_all = False  # re-read every subscribed job, checking it still exists
         self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.listening = False
         self.listen_losses = 0  # LISTEN connections lost (or never opened)
         self.listen_opens = 0
@@ -146,17 +171,51 @@ class EventHub:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read new events and publish them, until `stop`."""
-        if self.per_job:
-            await self._run_per_job(stop)
-        else:
-            await self._tail(stop)
+        self._loop = asyncio.get_running_loop()
+        try:
+            if self.per_job:
+                await self._run_per_job(stop)
+            else:
+                await self._tail(stop)
+        finally:
+            self._loop = None
+
+    def local_commit(self, notes: dict[str, int]) -> None:
+        """The ledger committed, in this process, new events (`job id -> last seq`) or
+        deletions (`job id -> -1`). Called from whatever thread committed."""
+        loop = self._loop
+        if loop is None or not any(job_id in self._subscribers for job_id in notes):
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(self._heard_locally, notes)
+
+    def _heard_locally(self, notes: dict[str, int]) -> None:
+        for job_id, seq in notes.items():
+            if self.per_job:
+                self.heard(f"{job_id} {'deleted' if seq < 0 else seq}")
+            elif seq < 0 and job_id in self._subscribers:
+                self._gone.add(job_id)
+        self._wakeup.set()
 
     # -- SQLite: tail the whole log by id ----------------------------------------------------
     async def _tail(self, stop: asyncio.Event) -> None:
+        """One server per SQLite database, and its writers are serialised: ids commit in
+        order, so a cursor on the id misses nothing. Deletions leave no event: this
+        process's own are heard at commit; every `requery_interval` the subscribed jobs
+        are checked to still exist (a safety net, one query for all of them)."""
         self._cursor = await asyncio.to_thread(self.ledger.last_event_id)
+        next_check = time.monotonic() + self.requery_interval
         while not stop.is_set():
+            self._wakeup.clear()  # before the read: a commit during it wakes us again
+            gone, self._gone = self._gone, set()
             try:
-                events = await asyncio.to_thread(self.ledger.events_since, self._cursor, None, 1000)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.requery_interval
+                    followed = list(self._subscribers)
+                    if followed:
+                        present = await asyncio.to_thread(self.ledger.present_ids, followed)
+                        gone.update(j for j in followed if j not in present)
+                events = await asyncio.to_thread(self.ledger.events_since, self._cursor, None, PAGE)
             except Exception:
                 _log.exception("reading the event log failed; retrying")
                 events = []
@@ -164,9 +223,12 @@ class EventHub:
                 self._cursor = stored.id
                 if stored.job_id in self._subscribers:
                     self.publish(HubEvent(stored.job_id, stored.seq, stored.type, stored.data))
-            if len(events) < 1000:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.interval)
+            for job_id in gone:  # after its last events: a stream gets those first
+                if job_id in self._subscribers:
+                    self._publish_deleted(job_id)
+            if len(events) < PAGE:
+                wait = min(self.interval, max(0.0, next_check - time.monotonic()))
+                await _wait_any(stop, self._wakeup, wait)
 
     # -- PostgreSQL: LISTEN, read per job by seq, re-query as a safety net -------------------
     async def _run_per_job(self, stop: asyncio.Event) -> None:
@@ -333,11 +395,14 @@ class EventHub:
                         await asyncio.wait_for(conn.close(), 5)
 
 
-def sse(event: str, seq: int | None, data: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"event": event, "data": json.dumps(data, ensure_ascii=False)}
-    if seq is not None:
-        message["id"] = str(seq)
-    return message
+def sse(event: str, seq: int | None, data: dict[str, Any]) -> bytes:
+    """One SSE message, encoded (sse-starlette sends bytes as they are)."""
+    return ServerSentEvent(
+        data=json.dumps(data, ensure_ascii=False),
+        event=event,
+        id=None if seq is None else str(seq),
+        sep=SEPARATOR,
+    ).encode()
 
 
 async def stream_job(
@@ -346,10 +411,13 @@ async def stream_job(
     user_id: str | None,
     last_event_id: int | None,
     ping_interval: float,
-    is_disconnected: Callable[[], Any],
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[bytes]:
     """The events of one job: the missed ones (with Last-Event-ID) or a `status` snapshot,
-    then every new one as it is written; `ping` when idle; ends after `completed`/`error`."""
+    then every new one as it is written; `ping` when idle; ends after `completed`/`error`,
+    and at once when a resumed stream's job has ended with nothing left to send.
+
+    A client that goes away ends the stream from outside (sse-starlette cancels it), so
+    the wait here is only for the next event or the next ping."""
     ledger = hub.ledger
     queue = hub.subscribe(job_id)
     try:
@@ -361,10 +429,16 @@ async def stream_job(
                 sent = stored.seq
                 if stored.type in TERMINAL_EVENTS:
                     return
+            record = await asyncio.to_thread(ledger.get, job_id, user_id)
+            if record is None:
+                yield sse(ERROR, sent + 1, _deleted(job_id))
+                return
+            if Job.from_record(record).status.terminal:
+                return  # it ended before `sent`: nothing more will come
         else:
             record = await asyncio.to_thread(ledger.get, job_id, user_id)
             if record is None:
-                yield sse(ERROR, None, _deleted(job_id))
+                yield sse(ERROR, 1, _deleted(job_id))
                 return
             job = Job.from_record(record)
             sent = await asyncio.to_thread(ledger.last_seq, job_id) or 0
@@ -375,36 +449,17 @@ async def stream_job(
                     yield sse(terminal.type, terminal.seq, terminal.data)
                 return
         last_sent_at = time.monotonic()
-        last_check = time.monotonic()
         while True:
-            timeout = min(1.0, ping_interval)
+            idle = ping_interval - (time.monotonic() - last_sent_at)
             try:
-                event = await asyncio.wait_for(queue.get(), timeout)
+                async with asyncio.timeout(max(0.0, idle)):
+                    event = await queue.get()
             except TimeoutError:
-                event = None
-                if await is_disconnected():
-                    return
-                now = time.monotonic()
-                # On PostgreSQL the hub re-reads every subscribed job itself.
-                if not hub.per_job and now - last_check >= RECHECK_SECONDS:
-                    last_check = now
-                    if await asyncio.to_thread(ledger.last_seq, job_id) is None:
-                        yield sse(ERROR, sent + 1, _deleted(job_id))
-                        return
-                    for stored in await asyncio.to_thread(ledger.events_after, job_id, sent):
-                        yield sse(stored.type, stored.seq, stored.data)
-                        sent = stored.seq
-                        last_sent_at = now
-                        if stored.type in TERMINAL_EVENTS:
-                            return
-                if now - last_sent_at >= ping_interval:
-                    yield sse("ping", sent, {"time": time.time()})
-                    last_sent_at = now
+                yield sse("ping", sent, {"time": time.time()})
+                last_sent_at = time.monotonic()
                 continue
-            if event is None and queue.empty():
-                return  # closed for being too slow: the client reconnects and replays
             if event is None:
-                continue
+                return  # closed for being too slow: the client reconnects and replays
             if event.deleted:
                 yield sse(ERROR, sent + 1, _deleted(job_id))
                 return
@@ -422,7 +477,7 @@ async def stream_job(
                 if event.seq <= sent:
                     continue
                 # The log no longer has it (the job was just deleted): send what we have.
-            yield sse(event.type, event.seq, event.data)
+            yield event.encoded
             sent = event.seq
             last_sent_at = time.monotonic()
             if event.type in TERMINAL_EVENTS:

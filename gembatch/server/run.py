@@ -33,4 +33,9 @@ def serve(app: Any, host: str, port: int, *, log_level: str = "warning") -> None
             print(f"{READY_PREFIX}http://{url_host}:{actual}", flush=True)
         await serving
 
-    asyncio.run(run())
+    try:  # uvicorn's loop="auto" picks uvloop only when uvicorn runs the loop itself
+        import uvloop
+    except ImportError:  # pragma: no cover - a dependency except on Windows
+        asyncio.run(run())
+    else:
+        uvloop.run(run())

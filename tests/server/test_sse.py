@@ -187,6 +187,35 @@ def test_stream_of_a_finished_job_sends_the_snapshot_and_the_terminal_event(
         assert missing.json() == {"detail": "Job not found: j00000000"}
 
 
+def test_resuming_a_finished_job_after_its_last_event_ends_at_once_with_204(
+    service_factory: ServiceLauncher,
+) -> None:
+    """Seed 003's useJob never closes its EventSource: after `completed` the browser
+    reconnects with the terminal event's id. It must be told to stop (204), not be kept
+    on a stream that only pings."""
+    svc = service_factory(FAST_EMULATOR_CONFIG, args=["--ping-interval", "0.3"])
+    with svc.client(timeout=20) as client:
+        job_id = create_job(client, inline_body(2))
+        events, closed = read_stream(client, "GET", f"/api/job/{job_id}/stream")
+        assert closed and not_pings(events)[-1].event == "completed"
+        last = int(not_pings(events)[-1].id)
+        for resume_at in (last, last + 5):
+            answer = client.get(
+                f"/api/job/{job_id}/stream", headers={"Last-Event-ID": str(resume_at)}
+            )
+            assert answer.status_code == 204 and answer.content == b""
+        # One id short of the end: exactly the terminal event, then the stream closes.
+        rest, closed = read_stream(
+            client,
+            "GET",
+            f"/api/job/{job_id}/stream",
+            headers={"Last-Event-ID": str(last - 1)},
+            timeout=10,
+        )
+        assert closed
+        assert [(int(e.id), e.event) for e in rest] == [(last, "completed")]
+
+
 def test_idle_stream_sends_ping_events_with_an_id(service_factory: ServiceLauncher) -> None:
     svc = service_factory(HELD)  # the service pings after 1 s without events
     with svc.client(timeout=20) as client:
