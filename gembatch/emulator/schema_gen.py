@@ -314,6 +314,10 @@ class _Generator:
         return self.rng.choice(choices)
 
     def _pick_branch(self, branches: list[Any], depth: int) -> Any:
+        # A branch no value can satisfy (an integer range with no multiple of its step)
+        # is never the one to follow while another is left.
+        possible = [b for b in branches if not _empty_number_range(b)]
+        branches = possible or branches
         if depth >= _SOFT_DEPTH:
             # Deep in a recursive schema: take a branch that does not recurse again.
             for branch in branches:
@@ -530,8 +534,8 @@ class _Generator:
         else:
             ceiling = max(floor, min(3, high) if high is not None else 3)
             count = min(self.rng.randint(floor, ceiling), max(0, self.nodes_left))
-        if items is False:
-            count = min(count, len(prefix))
+        if items is False or _empty_number_range(self._resolve(items)):
+            count = min(count, len(prefix))  # no item can fit: only the prefix (or none)
         item_name = _singular(name)
         out: list[Any] = []
         seen: set[str] = set()
@@ -715,6 +719,30 @@ def _bound(schema: dict[str, Any], inclusive: str, exclusive: str) -> tuple[floa
     if inclusive == "minimum":
         return (excl, True) if excl >= value else (value, False)
     return (excl, True) if excl <= value else (value, False)
+
+
+def _empty_number_range(schema: Any) -> bool:
+    """A numeric-only schema whose bounds and `multipleOf` leave no value at all."""
+    if not isinstance(schema, dict) or schema.get("type") not in ("integer", "number"):
+        return False
+    lo, lo_open = _bound(schema, "minimum", "exclusiveMinimum")
+    hi, hi_open = _bound(schema, "maximum", "exclusiveMaximum")
+    if lo is None or hi is None:
+        return False
+    if lo > hi or (lo == hi and (lo_open or hi_open)):
+        return True
+    step = _as_number(schema.get("multipleOf"))
+    if schema.get("type") == "integer" and math.floor(hi) < math.ceil(lo):
+        return True
+    if step is None or step <= 0:
+        return False
+    try:
+        first, last = math.ceil(lo / step), math.floor(hi / step)
+    except (OverflowError, ValueError):
+        return False
+    if last - first > 2:
+        return False  # several multiples lie inside
+    return not any(_inside(k * step, lo, lo_open, hi, hi_open) for k in range(first, last + 1))
 
 
 def _inside(value: float, lo: float | None, lo_open: bool, hi: float | None, hi_open: bool) -> bool:

@@ -224,6 +224,53 @@ def test_batch_list_pages_through_everything_and_needs_page_size(
     assert sorted(listed) == sorted(names)
 
 
+def test_batch_list_paging_on_an_exact_multiple_of_the_page_size_has_no_empty_page(
+    emulator: EmulatorProcess, tmp_path: Path
+) -> None:
+    client = emulator.sdk_client()
+    path = write_requests(tmp_path / "in.jsonl", ["x"])
+    uploaded = client.files.upload(file=path, config={"mime_type": "jsonl"})
+    names = [
+        client.batches.create(
+            model="gemini-2.5-flash-lite", src=uploaded.name, config={"display_name": f"b{i}"}
+        ).name
+        for i in range(9)
+    ]
+
+    def raw_pages(size: int) -> list[list[str]]:
+        """Every page as the server sends it, following nextPageToken to the end."""
+        token, pages = None, []
+        while True:
+            params = {"pageSize": str(size)} | ({"pageToken": token} if token else {})
+            response = httpx.get(
+                f"{emulator.base_url}/v1beta/batches",
+                params=params,
+                headers={"x-goog-api-key": emulator.api_key},
+            )
+            response.raise_for_status()
+            body = response.json()
+            pages.append([operation["name"] for operation in body.get("operations", [])])
+            token = body.get("nextPageToken")
+            if not token:
+                return pages
+            assert len(pages) <= len(names), "the pages never end"
+
+    for size, shape in [(3, [3, 3, 3]), (1, [1] * 9), (9, [9]), (10, [9])]:
+        pages = raw_pages(size)
+        assert [len(page) for page in pages] == shape, f"pageSize {size}"
+        listed = [name for page in pages for name in page]
+        assert sorted(listed) == sorted(names)  # each batch once
+
+    # The SDK's pager over the same: every batch, and exactly three pages of three.
+    pager = client.batches.list(config={"page_size": 3})
+    seen_pages = [[b.name for b in pager.page]]
+    while pager.config.get("page_token"):  # the SDK's own test for "more pages"
+        seen_pages.append([b.name for b in pager.next_page()])
+    assert [len(page) for page in seen_pages] == [3, 3, 3]
+    assert sorted(name for page in seen_pages for name in page) == sorted(names)
+    assert sorted(b.name for b in client.batches.list(config={"page_size": 3})) == sorted(names)
+
+
 def test_deleted_batch_is_gone(emulator: EmulatorProcess, tmp_path: Path) -> None:
     batch, _ = create_file_batch(emulator, tmp_path, ["a"])
     client = emulator.sdk_client()

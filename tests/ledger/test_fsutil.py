@@ -82,3 +82,53 @@ def test_remove_stale_temps_removes_only_the_named_files_temps(tmp_path: Path) -
     removed = fsutil.remove_stale_temps(tmp_path, "job-info.jsonl")
     assert sorted(removed) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def _record_fsyncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Make os.fsync and os.replace log what they were called on, then do their work."""
+    calls: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        kind = (
+            "file" if stat.S_ISREG(info.st_mode) else "dir" if stat.S_ISDIR(info.st_mode) else "?"
+        )
+        calls.append(("fsync", kind, os.readlink(f"/proc/self/fd/{fd}"), info.st_size))
+        real_fsync(fd)
+
+    def replace(src: fsutil.StrPath, dst: fsutil.StrPath) -> None:
+        calls.append(("replace", os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors via /proc")
+@pytest.mark.parametrize("writer", ["atomic_write_bytes", "ledger"])
+def test_atomic_write_fsyncs_the_full_temp_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    from gembatch.ledger.jsonl import JsonlLedger
+
+    target = tmp_path / "job-info.jsonl"
+    target.write_bytes(b'{"id": "a"}\n')
+    data = b'{"id": "a"}\n{"id": "b", "pad": "' + b"x" * 100_000 + b'"}\n'
+    calls = _record_fsyncs_and_renames(monkeypatch)
+    if writer == "ledger":
+        assert JsonlLedger(target).add({"id": "b", "pad": "x" * 100_000})
+    else:
+        fsutil.atomic_write_bytes(target, data)
+    assert target.read_bytes() == data
+
+    assert len(calls) == 3, calls
+    (fsync, kind, temp, size), (replace, source, destination), last = calls
+    # 1. the temp file, in the target's directory, once all of the new bytes are in it
+    assert (fsync, kind, size) == ("fsync", "file", len(data))
+    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(".job-info.jsonl.")
+    # 2. then the rename of exactly that file over the target
+    assert (replace, source, destination) == ("replace", temp, str(target))
+    # 3. then the directory that holds the new name
+    assert last[:3] == ("fsync", "dir", str(tmp_path))

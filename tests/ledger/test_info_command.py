@@ -15,6 +15,7 @@ import pytest
 
 from gembatch.emulator.process import EmulatorProcess
 from gembatch.ledger.jsonl import AtomicJobManager, JsonlLedger
+from tests.ledger.conftest import Unprivileged
 
 REQUEST = {"key": "k1", "request": {"contents": [{"parts": [{"text": "hi"}]}]}}
 
@@ -25,10 +26,14 @@ def run_info(
     cwd: Path,
     env: dict[str, str] | None = None,
     local: bool = False,
+    as_user: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """`gembatch info` in a process of its own; `as_user`: a prefix that runs it as
+    another user (the `unprivileged` fixture's)."""
     base = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     base.pop("GOOGLE_GEMINI_BASE_URL", None)
-    command = [sys.executable, "-m", "gembatch", *(["--local"] if local else []), "info"]
+    command = [*(as_user or []), sys.executable, "-m", "gembatch"]
+    command += [*(["--local"] if local else []), "info"]
     return subprocess.run(
         [*command, *extra, str(ledger)],
         capture_output=True,
@@ -92,14 +97,21 @@ def test_info_on_a_directory_says_so_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_info_on_an_unreadable_ledger_says_so_and_exits_2(tmp_path: Path) -> None:
-    path = tmp_path / "job-info.jsonl"
-    write_jsonl(path, [current(1)])
+def test_info_on_an_unreadable_ledger_says_so_and_exits_2(unprivileged: Unprivileged) -> None:
+    path = unprivileged.directory / "job-info.jsonl"
+    before = write_jsonl(path, [current(1)])
     path.chmod(0)
-    result = run_info(path, cwd=tmp_path)
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    # As a user runs it: in the ledger's directory, by its relative name.
+    result = run_info(path.name, cwd=unprivileged.directory, env=env, as_user=unprivileged.prefix)
     assert result.returncode == 2
-    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert "'job-info.jsonl' is not readable" in result.stderr or (
+        "cannot read job-info.jsonl: Permission denied" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    path.chmod(0o644)
+    assert path.read_bytes() == before
 
 
 def test_info_on_a_non_utf8_ledger_reports_each_line_and_exits_1(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from gembatch.ledger import Ledger, LedgerFileError, derive_id
 from gembatch.ledger.jsonl import JsonlLedger
+from tests.ledger.conftest import Unprivileged
 
 LEGACY_LINE = (
     b'{"input_file": "1-simple/batch_requests.jsonl", "job_name": "batches/abc", '
@@ -242,17 +243,46 @@ def test_reading_a_ledger_in_a_missing_directory_creates_nothing(tmp_path: Path)
     assert ledger.load().records == [job(1)]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_a_read_only_directory_can_still_be_read(tmp_path: Path) -> None:
-    path = tmp_path / "job-info.jsonl"
+READ_THEN_ADD = """
+import json, sys
+from gembatch.ledger import LedgerFileError
+from gembatch.ledger.jsonl import JsonlLedger
+print(json.dumps(JsonlLedger(sys.argv[1]).load().records))
+try:
+    JsonlLedger(sys.argv[1]).add({"id": "job-2"})
+except LedgerFileError as exc:
+    print(exc)
+else:
+    print("added")
+"""
+
+
+def test_a_read_only_directory_can_still_be_read(unprivileged: Unprivileged) -> None:
+    directory = unprivileged.directory / "ledgers"
+    directory.mkdir()
+    path = directory / "job-info.jsonl"
     path.write_bytes(json.dumps(job(1)).encode() + b"\n")
-    tmp_path.chmod(0o555)
+    before = path.read_bytes()
+    os.chown(directory, unprivileged.uid, unprivileged.gid)  # the user's own directory...
+    directory.chmod(0o555)  # ...which it may not write in
     try:
-        assert JsonlLedger(path).load().records == [job(1)]
-        with pytest.raises(LedgerFileError, match="cannot lock"):
-            JsonlLedger(path).add(job(2))
+        result = subprocess.run(
+            unprivileged.command(sys.executable, "-c", READ_THEN_ADD, str(path)),
+            capture_output=True,
+            text=True,
+            env=unprivileged.env(),
+            cwd=unprivileged.directory,
+            timeout=60,
+        )
     finally:
-        tmp_path.chmod(0o755)
+        directory.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    loaded, refused = result.stdout.splitlines()
+    assert json.loads(loaded) == [job(1)]
+    assert refused.startswith(f"cannot lock {path}: Permission denied")
+    assert "check the file and directory permissions" in refused
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in directory.iterdir()) == ["job-info.jsonl"]  # no lock file
 
 
 def test_records_that_json_cannot_encode_are_refused_before_any_write(tmp_path: Path) -> None:

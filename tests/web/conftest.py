@@ -5,11 +5,14 @@ Why: the page's promises (live bars fed by SSE, uploads, cancel, confirmed force
 downloads, tokens) live in a browser talking to the real service; a test that stubs
 either side proves nothing about them. Playwright never downloads a browser here: it
 launches /usr/bin/chromium, and the tests skip with the reason when that or Playwright is
-missing. Each test leaves a screenshot under test-artifacts/web/ (ignored by git).
+missing, or fail instead when GEMBATCH_REQUIRE_BROWSER=1 (.ci/run sets it). Each test
+leaves a screenshot under test-artifacts/web/ (ignored by git).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,17 +38,40 @@ WEB_EMULATOR_CONFIG: dict[str, Any] = {
     "faults": {"batches": {"expire_rate": 1.0, "match": STUCK}},
 }
 EXPECT_TIMEOUT_MS = 30_000  # generous: the suite shares 2 cores with other tests
+PLAYWRIGHT_MISSING = "playwright is missing: pip install -c constraints.txt -e '.[dev]'"
+# CI must run the browser tests: there a missing chromium or Playwright is a failure.
+REQUIRE_BROWSER = os.environ.get("GEMBATCH_REQUIRE_BROWSER") == "1"
+
+
+def _browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    if importlib.util.find_spec("playwright") is None:
+        return PLAYWRIGHT_MISSING
+    return None
+
+
+def _skip_or_fail(reason: str) -> None:
+    if REQUIRE_BROWSER:
+        pytest.fail(f"GEMBATCH_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# The test modules skip themselves at import when Playwright is missing (importorskip),
+# before any fixture runs: under GEMBATCH_REQUIRE_BROWSER=1 this directory fails here first.
+if REQUIRE_BROWSER and (_missing := _browser_missing()):
+    _skip_or_fail(_missing)
 
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     """One headless chromium per test process (each test gets its own context)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    if missing := _browser_missing():
+        _skip_or_fail(missing)
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
-        pytest.skip("playwright is missing: pip install -c constraints.txt -e '.[dev]'")
+        _skip_or_fail(PLAYWRIGHT_MISSING)
     expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
