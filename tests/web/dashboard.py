@@ -91,3 +91,101 @@ class Dashboard:
         )
         (stream,) = self.streams(job_id)
         return stream
+
+    # -- the keyboard and the accessibility tree -------------------------------------------
+    def tab_to(self, target: Any, key: str = "Tab", limit: int = 40) -> list[str]:
+        """Press `key` (Tab, Shift+Tab) until `target` (a locator) has the focus. Every
+        stop on the way must show a visible focus ring. Returns the stops' names."""
+        stops: list[str] = []
+        for _ in range(limit):
+            self.page.keyboard.press(key)
+            stop = self.page.evaluate(FOCUSED)
+            assert stop["ring"], f"no visible focus ring on {stop['name']} (after {stops})"
+            stops.append(stop["name"])
+            if target.evaluate("(el) => el === document.activeElement"):
+                return stops
+        raise AssertionError(f"{key} never reached {target} (stops: {stops})")
+
+    def unnamed_controls(self) -> list[str]:
+        """Controls without an accessible name, by Chromium's own accessibility tree (the
+        ones rendered now) and by the page's markup (every control, hidden or not)."""
+        cdp = self.page.context.new_cdp_session(self.page)
+        try:
+            nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+        finally:
+            cdp.detach()
+        missing = [
+            f"{node['role']['value']} (backend node {node.get('backendDOMNodeId')})"
+            for node in nodes
+            if not node.get("ignored")
+            and node.get("role", {}).get("value") in CONTROL_ROLES
+            and not str(node.get("name", {}).get("value", "")).strip()
+        ]
+        return missing + self.page.evaluate(UNNAMED_IN_MARKUP)
+
+    def control_names(self) -> list[tuple[str, str]]:
+        """(role, name) of every control in Chromium's accessibility tree now."""
+        cdp = self.page.context.new_cdp_session(self.page)
+        try:
+            nodes = cdp.send("Accessibility.getFullAXTree")["nodes"]
+        finally:
+            cdp.detach()
+        return [
+            (node["role"]["value"], str(node.get("name", {}).get("value", "")))
+            for node in nodes
+            if not node.get("ignored") and node.get("role", {}).get("value") in CONTROL_ROLES
+        ]
+
+
+# Roles a person operates (Chromium's names; `summary` is a DisclosureTriangle).
+CONTROL_ROLES = frozenset(
+    {
+        "button",
+        "checkbox",
+        "combobox",
+        "DisclosureTriangle",
+        "link",
+        "listbox",
+        "progressbar",
+        "radio",
+        "searchbox",
+        "slider",
+        "spinbutton",
+        "switch",
+        "textbox",
+    }
+)
+
+# The focused element: a readable name, and whether a keyboard user sees where focus is
+# (:focus-visible matches and an outline is drawn).
+FOCUSED = """() => {
+  const el = document.activeElement;
+  const style = getComputedStyle(el);
+  const name = el.getAttribute('aria-label') || el.id || el.textContent.trim().slice(0, 40);
+  const ring = el !== document.body && el.matches(':focus-visible') &&
+    style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0;
+  return { name: `${el.tagName.toLowerCase()} ${name}`, ring };
+}"""
+
+# Every input, button, select, textarea and summary, hidden or not (per-row buttons of
+# any state, the closed dialog's buttons, the row template's), must have a name source:
+# aria-label, aria-labelledby, a <label>, or its own text.
+UNNAMED_IN_MARKUP = """() => {
+  const roots = [document, ...[...document.querySelectorAll('template')].map((t) => t.content)];
+  const named = (el) => {
+    if ((el.getAttribute('aria-label') || '').trim()) return true;
+    const by = (el.getAttribute('aria-labelledby') || '').split(/\\s+/).filter(Boolean);
+    if (by.some((id) => (document.getElementById(id)?.textContent || '').trim())) return true;
+    if ([...(el.labels || [])].some((label) => label.textContent.trim())) return true;
+    if (el.matches('button, summary') && el.textContent.trim()) return true;
+    return false;
+  };
+  const unnamed = [];
+  for (const root of roots) {
+    for (const el of root.querySelectorAll('input, button, select, textarea, summary')) {
+      if (el.type === 'hidden') continue;
+      if (!named(el)) unnamed.push(`${el.tagName.toLowerCase()}#${el.id || el.className}`);
+    }
+  }
+  return unnamed;
+}"""

@@ -59,6 +59,7 @@ class Dashboard {
     this.listing = null;
     this.again = false;
     this.authNeeded = false;
+    this.uploading = false;
   }
 
   start() {
@@ -66,7 +67,10 @@ class Dashboard {
       event.preventDefault();
       this.useToken($('#token-input').value.trim());
     });
-    $('#token-forget').addEventListener('click', () => this.useToken(''));
+    $('#token-forget').addEventListener('click', () => {
+      this.useToken('');
+      $('#token-input').focus(); // the button is disabled now: keep the keyboard nearby
+    });
     $('#create-form').addEventListener('submit', (event) => {
       event.preventDefault();
       this.create();
@@ -287,6 +291,7 @@ class Dashboard {
   // -- actions -------------------------------------------------------------------------
   /** Upload the chosen file with the form's options, and follow the new job's stream. */
   async create() {
+    if (this.uploading) return; // one upload at a time (the button says so meanwhile)
     const error = $('#create-error');
     const state = $('#create-state');
     const button = $('#create-button');
@@ -305,10 +310,13 @@ class Dashboard {
       $('#options-input').focus();
       return;
     }
-    button.disabled = true;
+    // aria-disabled, not disabled: a disabled button loses the keyboard focus.
+    this.uploading = true;
+    button.setAttribute('aria-disabled', 'true');
     state.textContent = `Uploading ${file.name}…`;
     const finished = () => {
-      button.disabled = false;
+      this.uploading = false;
+      button.removeAttribute('aria-disabled');
       state.textContent = '';
     };
     if (this.streams >= MAX_STREAMS) {
@@ -485,11 +493,16 @@ class Row {
     this.deleting = false;
     this.feed = null;
     this.stop = null;
+    this.working = false; // an action of this row awaits the service
     this.el = $('#job-template').content.firstElementChild.cloneNode(true);
     this.el.dataset.jobId = job.job_id;
-    $('.job-cancel', this.el).addEventListener('click', () => dashboard.cancel(this));
-    $('.job-delete', this.el).addEventListener('click', () => dashboard.delete(this));
-    $('.job-download', this.el).addEventListener('click', () => dashboard.download(this));
+    const on = (selector, action) =>
+      $(selector, this.el).addEventListener('click', () => {
+        if (!this.working) action(this);
+      });
+    on('.job-cancel', (row) => dashboard.cancel(row));
+    on('.job-delete', (row) => dashboard.delete(row));
+    on('.job-download', (row) => dashboard.download(row));
     this.render();
   }
 
@@ -553,8 +566,12 @@ class Row {
     };
     for (const [selector, visible] of Object.entries(actions)) {
       const button = $(selector, el);
+      // A focused button that goes away (Cancel, once cancelled) hands the keyboard focus
+      // to Delete, which every row has, rather than dropping it to the page's start.
+      const refocus = !visible && !button.hidden && document.activeElement === button;
       button.hidden = !visible;
       button.setAttribute('aria-label', `${button.textContent} ${this.name}`);
+      if (refocus) $('.job-delete', el).focus();
     }
   }
 
@@ -622,8 +639,14 @@ class Row {
     note.hidden = !text;
   }
 
+  /** While an action runs the row's buttons say they are unavailable (aria-disabled, not
+   * disabled: a disabled button would drop the keyboard focus) and do nothing. */
   busy(yes) {
-    for (const button of this.el.querySelectorAll('button')) button.disabled = yes;
+    this.working = yes;
+    for (const button of this.el.querySelectorAll('button')) {
+      if (yes) button.setAttribute('aria-disabled', 'true');
+      else button.removeAttribute('aria-disabled');
+    }
   }
 
   focus(selector) {
