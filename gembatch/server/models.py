@@ -7,13 +7,24 @@ schemathesis to explore.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    field_validator,
+    model_validator,
+)
 
+from gembatch.inputs import KNOWN_REQUEST_FIELDS, SplitLimits
 from gembatch.jobs import DEFAULT_RETRY_ON, ErrorClass
 
 PublicStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+MAX_TASK_BYTES = SplitLimits().max_bytes  # below Gemini's 2 GB input file limit
+MAX_TASKS_PER_JOB = 1000  # a job split finer than this is refused (422)
 
 
 class RetryConfigModel(BaseModel):
@@ -48,10 +59,50 @@ class JobOptions(BaseModel):
     display_name: str | None = Field(None, max_length=512)
     priority: int = Field(0, ge=-1_000_000, le=1_000_000)
     max_parallel_tasks: int | None = Field(None, ge=1, le=100)
+    # Split the input into several tasks (remote batches), as `gembatch submit
+    # --max-task-requests/--max-task-bytes` does: what makes `max_parallel_tasks` and
+    # `resource_limits` matter below Gemini's 2 GB file limit.
+    max_task_requests: int | None = Field(None, ge=1, le=100_000_000)
+    max_task_bytes: int | None = Field(None, ge=1, le=MAX_TASK_BYTES)
     retry_config: RetryConfigModel | None = None
     resource_limits: ResourceLimits | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s]+$")
+
+
+def _request_schema() -> dict[str, Any]:
+    """The JSON schema of one GenerateContentRequest as the service checks it
+    (`inputs.check_request`): `contents` a non-empty array, only the known top-level fields.
+    Only in the OpenAPI schema: validation is the file checker's, the same as the CLI's."""
+    part = {"type": "object", "properties": {"text": {"type": "string"}}}
+    content = {
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": ["user", "model"]},
+            "parts": {"type": "array", "minItems": 1, "items": part},
+        },
+        "required": ["parts"],
+    }
+    kinds: dict[str, dict[str, Any]] = {
+        "contents": {"type": "array", "minItems": 1, "items": content},
+        "model": {"type": "string"},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "safetySettings": {"type": "array", "items": {"type": "object"}},
+        "cachedContent": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    }
+    properties = {}
+    for name in sorted(KNOWN_REQUEST_FIELDS):
+        camel = re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
+        properties[name] = kinds.get(camel, {"type": "object"})
+    return {
+        "type": "object",
+        "description": "A GenerateContentRequest: `contents`, and optionally "
+        "`generationConfig`, `systemInstruction`, `tools`, ... (camelCase or snake_case)",
+        "properties": properties,
+        "required": ["contents"],
+        "additionalProperties": False,
+    }
 
 
 class BatchRequestItem(BaseModel):
@@ -60,11 +111,41 @@ class BatchRequestItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     key: str | None = Field(None, min_length=1, max_length=512)
-    request: dict[str, Any]
+    request: dict[str, Any] = Field(json_schema_extra=_request_schema())
+
+
+CREATE_EXAMPLE = {
+    "requests": [
+        {"key": "q1", "request": {"contents": [{"parts": [{"text": "What is a batch job?"}]}]}},
+        {"key": "q2", "request": {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}},
+    ],
+    "display_name": "two questions",
+    "priority": 1,
+    "max_task_requests": 1,
+    "max_parallel_tasks": 1,
+}
+
+
+def _create_schema_extra(schema: dict[str, Any]) -> None:
+    """What the validator below enforces, said in the schema: exactly one of `requests`
+    (an array) and `input_file` (a string); and an example."""
+    schema["oneOf"] = [
+        {
+            "required": ["requests"],
+            "properties": {"requests": {"type": "array"}, "input_file": {"type": "null"}},
+        },
+        {
+            "required": ["input_file"],
+            "properties": {"input_file": {"type": "string"}, "requests": {"type": "null"}},
+        },
+    ]
+    schema["examples"] = [CREATE_EXAMPLE]
 
 
 class CreateJobBody(JobOptions):
     """Create a job from inline requests, or from a file in the service's data directory."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_create_schema_extra)
 
     requests: list[BatchRequestItem] | None = Field(None, min_length=1, max_length=1_000_000)
     input_file: str | None = Field(None, min_length=1, max_length=4096)
@@ -186,7 +267,12 @@ class JobOperation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     action: Literal["createJob", "updateBatchJob", "deleteJob"]
-    data: dict[str, Any]
+    # The schema says which shapes `data` takes; the route validates it for its `action`
+    # (so its errors name `body.data.<field>`), hence no validation here.
+    data: Annotated[CreateJobBody | UpdateBatchJobData | DeleteJobData, SkipValidation] = Field(
+        description="createJob: a CreateJobBody; updateBatchJob: UpdateBatchJobData; "
+        "deleteJob: DeleteJobData"
+    )
 
 
 class HealthModel(BaseModel):

@@ -22,14 +22,29 @@ from fastapi import HTTPException
 
 from gembatch.engine import reducers
 from gembatch.engine.engine import Engine
-from gembatch.inputs import InputInvalid, validate_file
+from gembatch.inputs import InputInvalid, SplitLimits, validate_file
 from gembatch.jobs import InvalidTransition, Job, JobStatus, RetryConfig
-from gembatch.server.models import CreateJobBody, JobOptions, UpdateBatchJobData
+from gembatch.server.models import (
+    MAX_TASKS_PER_JOB,
+    CreateJobBody,
+    JobOptions,
+    UpdateBatchJobData,
+)
 from gembatch.server.settings import ServerSettings
 
 DELETE_RUNNING = (
     "Cannot delete a running job. Wait for completion or failure, or delete with "
     "?force=true to cancel its remote batch first."
+)
+TASK_BYTES_TOO_SMALL = (
+    "max_task_bytes is smaller than a line of the input: every request must fit in one task; "
+    "raise max_task_bytes or leave it out"
+)
+INTERNAL_DIRS = ("inputs", "results")  # the service's own, under the data directory
+INPUT_FILE_RULE = (
+    "input_file must be a path relative to the service's data directory, to a file the "
+    "operator put there; not under inputs/ or results/ (the service's copies of uploads "
+    "and results), not a hidden file, not the database or tokens file"
 )
 RESOURCE_NOTE = (
     "resource_limits.max_memory and max_cpu have no meaning for work done on Google's "
@@ -99,13 +114,26 @@ class JobService:
         options: JobOptions,
         inline: Any = None,
     ) -> tuple[str, list[str]]:
+        split = SplitLimits(
+            max_bytes=options.max_task_bytes or SplitLimits().max_bytes,
+            max_requests=options.max_task_requests,
+        )
         try:
-            validated = await asyncio.to_thread(validate_file, target)
+            validated = await asyncio.to_thread(validate_file, target, split)
         except InputInvalid as exc:
             target.unlink(missing_ok=True)
-            raise HTTPException(
-                status_code=422, detail=_problems(exc, inline is not None)
-            ) from None
+            detail = _problems(exc, inline is not None)
+            if options.max_task_bytes and any("task size limit" in p["msg"] for p in detail):
+                detail.append(_split_problem("max_task_bytes", TASK_BYTES_TOO_SMALL))
+            raise HTTPException(status_code=422, detail=detail) from None
+        if len(validated.tasks) > MAX_TASKS_PER_JOB:
+            target.unlink(missing_ok=True)
+            field = "max_task_requests" if options.max_task_requests else "max_task_bytes"
+            message = (
+                f"the input would be split into {len(validated.tasks)} tasks (remote batches); "
+                f"at most {MAX_TASKS_PER_JOB} per job: raise max_task_requests or max_task_bytes"
+            )
+            raise HTTPException(status_code=422, detail=[_split_problem(field, message)])
         validated = dataclasses.replace(validated, display=label)
         warnings = []
         limits = options.resource_limits
@@ -139,17 +167,18 @@ class JobService:
 
     def _inside_data_dir(self, relative: str) -> Path:
         """A path given by a client, allowed only inside the data directory (after
-        resolving `..` and symlinks); absolute paths are refused."""
+        resolving `..` and symlinks) and outside the service's own files there: its
+        copies of every user's uploads (`inputs/`), their results (`results/`), hidden
+        files, and the database or tokens file when they live there. Absolute paths are
+        refused."""
         root = self.settings.data_dir.resolve()
         if not relative or os.path.isabs(relative) or relative.startswith("~"):
-            raise HTTPException(
-                status_code=400,
-                detail="input_file must be a path relative to the service's data directory",
-            )
+            raise HTTPException(status_code=400, detail=INPUT_FILE_RULE)
         try:
             candidate = (root / relative).resolve()
             inside = candidate == root or root in candidate.parents
-            found = inside and candidate.is_file()
+            internal = inside and self._internal(root, candidate)
+            found = inside and not internal and candidate.is_file()
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
             raise HTTPException(
                 status_code=400, detail=f"input_file {relative[:200]!r} is not usable: {exc}"
@@ -157,7 +186,14 @@ class JobService:
         if not inside:
             raise HTTPException(
                 status_code=400,
-                detail="input_file must stay inside the service's data directory",
+                detail="input_file must stay inside the service's data directory. "
+                + INPUT_FILE_RULE,
+            )
+        if internal:
+            raise HTTPException(
+                status_code=400,
+                detail=f"input_file {relative[:200]!r} is one of the service's own files. "
+                + INPUT_FILE_RULE,
             )
         if not found:
             raise HTTPException(
@@ -165,6 +201,19 @@ class JobService:
                 detail=f"input_file {relative[:200]!r}: no such file in the data directory",
             )
         return candidate
+
+    def _internal(self, root: Path, candidate: Path) -> bool:
+        """True for the service's own files under the data directory (resolved paths)."""
+        parts = candidate.relative_to(root).parts
+        if not parts or parts[0] in INTERNAL_DIRS or any(p.startswith(".") for p in parts):
+            return True
+        own = [self.settings.tokens_file, _sqlite_path(self.settings.db_url)]
+        for path in filter(None, own):
+            resolved = path.resolve()
+            # The database's companions too: -wal, -shm, -journal, .server.lock, backups.
+            if candidate.parent == resolved.parent and candidate.name.startswith(resolved.name):
+                return True
+        return False
 
     # -- delete ------------------------------------------------------------------------------
     async def delete(self, user: str, job_id: str, force: bool) -> dict[str, Any]:
@@ -329,6 +378,14 @@ class JobService:
         return deleted
 
 
+def _sqlite_path(db_url: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not db_url.startswith(prefix) or db_url == prefix:
+        return None
+    path = db_url.removeprefix(prefix).split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
 def _write_requests(items: list[Any], target: Path) -> None:
     with open(target, "w", encoding="utf-8") as handle:
         for n, item in enumerate(items, 1):
@@ -344,6 +401,10 @@ def _copy_input(source: Path, target: Path) -> None:
     except BaseException:
         target.unlink(missing_ok=True)
         raise
+
+
+def _split_problem(field: str, message: str) -> dict[str, Any]:
+    return {"loc": ["body", field], "msg": message, "type": "value_error"}
 
 
 def _problems(exc: InputInvalid, inline: bool) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> user id
+    tokens_file: Path | None = None  # where `tokens` came from (never an input_file)
     max_upload_bytes: int = 2 * 1024**3  # Gemini's input file limit
     poll_interval: float = 10.0
     max_live_batches: int = 10

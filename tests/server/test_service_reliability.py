@@ -11,6 +11,7 @@ deadlines; nothing asserts how long something took.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -448,23 +449,66 @@ def test_restore_after_the_jobs_finished_keeps_them_completed_without_recreating
 # -- 7. schemathesis --------------------------------------------------------------------------
 
 
-def _schemathesis(schema: str, svc: ServiceProcess, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`schemathesis run` with the no-5xx check, a bounded number of examples, the SSE
-    streams left out (they only end with their job), and a real job id for the paths
-    that take one."""
-    with svc.client() as client:
-        job = create_job(client, inline_body(1, "for schemathesis"))
-    (cwd / "schemathesis.toml").write_text(f'[parameters]\n"path.job_id" = "{job}"\n')
+# Job ids for the fuzzed requests, by pool: each pass gets jobs of its own, so what one
+# pass deletes cannot turn the next pass's requests into 404s.
+POOLS = {"read": 10, "ops": 12, "delete": 30}
+# The passes, in order: everything that leaves jobs in place, then DELETE, then cleanup
+# (which deletes every finished job older than `max_age_hours`, possibly 0).
+PASSES: list[tuple[str, list[str], str]] = [
+    (
+        "read",
+        ["--exclude-path", "/api/job/cleanup", "--exclude-path", "/api/job/batch/stream",
+         "--exclude-method", "DELETE"],
+        '[parameters]\n"path.job_id" = { dictionary = "read" }\n\n[[operations]]\n'
+        'include-name = "POST /job-operations"\n'
+        'parameters = { "body.data.job_id" = { dictionary = "ops" } }\n',
+    ),
+    ("delete", ["--include-method", "DELETE"],
+     '[parameters]\n"path.job_id" = { dictionary = "delete" }\n'),
+    ("cleanup", ["--include-path", "/api/job/cleanup"], ""),
+]  # fmt: skip
+# Every operation on jobs must have reached a real one (a 2xx) at least once.
+MUST_SUCCEED = {
+    ("POST", "/api/job/batch"), ("GET", "/api/job/{id}/status"), ("GET", "/api/job/{id}/events"),
+    ("GET", "/api/job/{id}/results"), ("GET", "/api/job/{id}/stream"), ("GET", "/api/jobs"),
+    ("POST", "/job-operations"), ("DELETE", "/api/job/{id}"), ("POST", "/api/job/cleanup"),
+}  # fmt: skip
+
+
+def _schemathesis(
+    svc: ServiceProcess, cwd: Path, name: str, selection: list[str], config: str, pools: dict
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """One `schemathesis run` of the served schema: the no-5xx check, a bounded number of
+    examples, real job ids from `pools` (schemathesis dictionaries), and a failure on its
+    "missing test data" warning (operations that mostly met 404s). Returns the run and
+    the HTTP exchanges it made (its HAR report)."""
+    workdir = cwd / name
+    workdir.mkdir()
+    dictionaries = "".join(
+        f"[dictionaries.{pool}]\nvalues = {json.dumps(ids)}\n\n" for pool, ids in pools.items()
+    )
+    toml = workdir / "schemathesis.toml"
+    toml.write_text(f'[warnings]\nfail-on = ["missing_test_data"]\n\n{dictionaries}{config}')
     command = [
-        sys.executable, "-m", "schemathesis.cli", "run", schema,
-        "--url", svc.base_url,
-        "--checks", "not_a_server_error",
-        "--max-examples", "25",
-        "--exclude-path-regex", "/stream$",
-        "--request-timeout", "10",
-        "--no-color",
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(toml),
+        "run", f"{svc.base_url}/openapi.json", "--url", svc.base_url,
+        "--checks", "not_a_server_error", "--max-examples", "25", "--request-timeout", "10",
+        "--no-color", "--report", "har", "--report-dir", str(workdir), *selection,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=240)
+    exchanges = []
+    for har in workdir.glob("*.json"):
+        exchanges += json.loads(har.read_text())["log"]["entries"]
+    return run, exchanges
+
+
+def _operation(entry: dict[str, Any]) -> tuple[str, str]:
+    """(method, path) of a HAR entry, job ids written `{id}`."""
+    url = entry["request"]["url"]
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1].split("?", 1)[0]
+    if path not in ("/api/job/batch", "/api/job/batch/stream", "/api/job/cleanup"):
+        path = re.sub(r"^/api/job/[^/]+", "/api/job/{id}", path)
+    return entry["request"]["method"], path
 
 
 def _dangling_refs(schema: dict[str, Any]) -> list[str]:
@@ -499,15 +543,39 @@ def test_schemathesis_finds_no_server_error_in_the_served_schema(
     emulator_factory: EmulatorFactory, services: Services, tmp_path: Path
 ) -> None:
     emu = emulator_factory({"clock": FAST_CLOCK})
-    svc = services(emu)
+    svc = services(emu, "--max-live-batches", "60")
     with svc.client() as client:
         # A name longer than the file system allows once answered 500 (ENAMETOOLONG).
         overlong = client.post("/api/job/batch", json={"input_file": "x" * 300})
         assert overlong.status_code == 400, overlong.text
         described = client.get("/openapi.json").json()["paths"]["/api/job/batch"]["post"]
         assert "CreateJobBody" in json.dumps(described["requestBody"])
-    run = _schemathesis(f"{svc.base_url}/openapi.json", svc, tmp_path)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+        pools = {
+            pool: [create_job(client, inline_body(1, f"{pool} {n}")) for n in range(count)]
+            for pool, count in POOLS.items()
+        }
+    seeded = [job for ids in pools.values() for job in ids]
+    finished = wait_all(svc, seeded, timeout=90)
+    assert {s["status"] for s in finished.values()} == {"completed"}
+
+    reached: dict[tuple[str, str], set[int]] = {}
+    cleaned = 0
+    for name, selection, config in PASSES:
+        run, exchanges = _schemathesis(svc, tmp_path, name, selection, config, pools)
+        report = run.stdout[-6000:] + run.stderr[-2000:]
+        assert run.returncode == 0, report
+        assert "Missing test data" not in run.stdout, report
+        assert exchanges, report
+        for entry in exchanges:
+            status = entry["response"]["status"]
+            assert status < 500, (entry["request"]["url"], status)
+            reached.setdefault(_operation(entry), set()).add(status)
+            if name == "cleanup" and status == 200:
+                text = entry["response"]["content"].get("text") or "{}"
+                cleaned += json.loads(text).get("count", 0)
+    missed = {op for op in MUST_SUCCEED if not any(200 <= s < 300 for s in reached.get(op, ()))}
+    assert not missed, {op: sorted(reached.get(op, ())) for op in missed}
+    assert cleaned > 0, "no fuzzed cleanup deleted a job: the pass reached nothing"
     with svc.client() as client:
         assert client.get("/healthz").json()["status"] == "ok"
 
