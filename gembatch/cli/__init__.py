@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 # Importing a command module registers its command on `app`.
 from gembatch.cli import (  # noqa: F401
     cancel_cmd,
@@ -22,7 +24,34 @@ from gembatch.cli.app import app
 from gembatch.errors import UserError
 
 
+def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort, Exit) classes of the click that typer really uses: typer
+    0.29 bundles its own (`typer._click`, whose exceptions are not the installed click's);
+    older typers use click itself. Both families are caught, whichever is present."""
+    usage: list[type] = []
+    abort: list[type] = [typer.Abort]
+    exit_: list[type] = [typer.Exit]
+    try:
+        from typer._click import exceptions as bundled  # type: ignore[import-not-found]
+
+        usage.append(bundled.ClickException)
+        abort += [c for c in (getattr(bundled, "Abort", None),) if c is not None]
+        exit_ += [c for c in (getattr(bundled, "Exit", None),) if c is not None]
+    except ImportError:
+        pass
+    try:
+        import click
+
+        usage.append(click.ClickException)
+        abort.append(click.exceptions.Abort)
+        exit_.append(click.exceptions.Exit)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(abort), tuple(exit_)
+
+
 def main() -> None:
+    usage, abort, exit_ = _click_classes()
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
@@ -35,15 +64,11 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click's own usage errors come through here
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            sys.exit(1)
-        raise
+    except exit_ as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except usage as exc:  # a usage error: click's short message, no traceback
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
+    except abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)

@@ -41,11 +41,19 @@ def global_options(
         Path("job-info.jsonl"), "--job-info", help="The job ledger (JSONL).", show_default=True
     ),
     local: bool = typer.Option(
-        False, "--local", help="Start the built-in Gemini emulator and use it (no API key)."
+        False,
+        "--local",
+        metavar="",
+        help="Start the built-in Gemini emulator and use it (no API key).",
     ),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show more detail."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", metavar="", help="Show more detail."),
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Show the version."
+        False,
+        "--version",
+        metavar="",
+        callback=_print_version,
+        is_eager=True,
+        help="Show the version.",
     ),
 ) -> None:
     ctx.obj = Settings(job_info=job_info, local=local, verbose=verbose)

@@ -20,6 +20,7 @@ def cancel(
     from gembatch.jobs import InvalidTransition
 
     opts = settings(ctx)
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote()
         engine = _engine(ctx, remote, "cancel")
@@ -55,9 +56,10 @@ def retry(
     ),
 ) -> None:
     """Resubmit failed or expired jobs, and requests that failed inside a finished batch."""
-    from gembatch.jobs import InvalidTransition, JobStatus
+    from gembatch.jobs import InvalidTransition, JobStatus, TaskState
 
     opts = settings(ctx)
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote()
         engine = _engine(ctx, remote, "retry")
@@ -83,9 +85,20 @@ def retry(
                     try:
                         updated = await engine.retry(target.id)
                         retried.append(updated.id)
-                        new = [t for t in updated.tasks if t.state.value == "new"]
-                        count = sum(t.input.count for t in new)
-                        print(f"{target.id} {target.input_file}: retrying {count} request(s)")
+                        before = {t.index for t in target.tasks}
+                        added = [t for t in updated.tasks if t.index not in before]
+                        new = [t for t in added if t.state is TaskState.NEW]
+                        again = [t for t in added if t.state is TaskState.SUCCEEDED]
+                        label = f"{target.id} {target.input_file}"
+                        if new:
+                            count = sum(t.input.count for t in new)
+                            print(f"{label}: retrying {count} request(s)")
+                        for task in again:
+                            print(
+                                f"{label}: downloading the results of {task.batch_name} "
+                                "again (they are still on Gemini: no new batch, nothing "
+                                "paid twice)"
+                            )
                     except InvalidTransition as exc:
                         problems += 1
                         print(

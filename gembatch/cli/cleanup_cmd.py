@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
@@ -14,18 +15,20 @@ from gembatch.errors import UserError
 @app.command()
 def cleanup(
     ctx: typer.Context,
-    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    yes: bool = typer.Option(False, "-y", "--yes", metavar="", help="Do not ask for confirmation."),
     everything: bool = typer.Option(
         False,
         "--all",
+        metavar="",
         help="Every file and finished batch in the project, not only this ledger's "
-        "(pending or running batches are never deleted).",
+        "(pending or running batches and the files they use are never deleted).",
     ),
 ) -> None:
     """Delete the remote inputs, batches and outputs of this ledger's finished jobs."""
     from gembatch.engine.engine import Engine, cleanup_targets
 
     opts = settings(ctx)
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote()
         engine = Engine(common.ledger_for(ctx), remote, role="cleanup")
@@ -36,6 +39,13 @@ def cleanup(
             try:
                 if everything:
                     return await _cleanup_all(remote, jobs, yes)
+                kept = _kept_for_download(jobs)
+                for job, task in kept:
+                    print(
+                        f"{job.input_file} (task {task.index}): kept: {task.batch_name} and its "
+                        "results are the only copy (the download failed); "
+                        f"`gembatch retry {job.input_file}` downloads them"
+                    )
                 targets = [
                     (job, task, names)
                     for job in jobs
@@ -43,14 +53,19 @@ def cleanup(
                     if (names := cleanup_targets(task, 1_000_000))
                 ]
                 if not targets:
-                    print("nothing to clean up: every finished job's remote files are gone")
+                    print(
+                        "nothing to clean up: no finished job left remote files"
+                        + (" (besides the results kept above)" if kept else "")
+                    )
                     return 0
                 for job, task, names in targets:
                     print(f"{job.input_file} (task {task.index}): {', '.join(names.values())}")
-                _confirm(yes, f"delete these {sum(len(n) for _, _, n in targets)} remote items?")
-                errors = await engine.cleanup_remote()
+                count = sum(len(n) for _, _, n in targets)
+                _confirm(yes, f"delete these {count} remote items?")
+                errors = await engine.cleanup_remote(job_ids={job.id for job, _, _ in targets})
                 for message in errors:
                     print(message, file=sys.stderr)
+                print(f"deleted {count - len(errors)} of {count} remote items")
                 return 1 if errors else 0
             finally:
                 await remote.aclose()
@@ -59,9 +74,47 @@ def cleanup(
     raise typer.Exit(code)
 
 
-async def _cleanup_all(remote, jobs, yes: bool) -> int:
+def _kept_for_download(jobs: list[Any]) -> list[tuple[Any, Any]]:
+    """Tasks whose batch succeeded but whose download failed (not yet retried): their
+    remote output is the only copy of results already paid for."""
+    from gembatch.engine.reducers import download_failed
+
+    return [
+        (job, task)
+        for job in jobs
+        for task in job.tasks
+        if download_failed(task) and "replaced_by" not in task.extra
+    ]
+
+
+async def _list_batches_with_inputs(remote: Any) -> list[tuple[Any, str | None]]:
+    """Every batch of the project (all pages) with the input file it reads. The SDK's
+    typed BatchJob drops `inputConfig.fileName`; the Remote's capture of the raw
+    Operations keeps it."""
+    from gembatch.gemini.remote import PAGE_SIZE, _remote_batch
+
+    async def collect() -> list[Any]:
+        pager = await remote._client.aio.batches.list(config={"page_size": PAGE_SIZE})
+        return [job async for job in pager]
+
+    jobs, raw = await remote._call_capturing("batches.list", collect)
+    listed = []
+    for job in jobs:
+        operation = raw.get(job.name or "") or {}
+        metadata = operation.get("metadata") if isinstance(operation, dict) else None
+        config = (metadata or {}).get("inputConfig") or (metadata or {}).get("input_config")
+        name = None
+        if isinstance(config, dict):
+            name = config.get("fileName") or config.get("file_name")
+        listed.append((_remote_batch(job, operation), name if isinstance(name, str) else None))
+    return listed
+
+
+async def _cleanup_all(remote: Any, jobs: list[Any], yes: bool) -> int:
     """The original tool's `cleanup`, made safe: every page is read, and nothing that is
-    still pending or running, or that an unfinished job of this ledger uses, is deleted."""
+    still pending or running, no file such a batch reads (whichever tool created it), and
+    nothing an unfinished job of this ledger uses or whose download it still owes, is
+    deleted."""
     protected = {
         name
         for job in jobs
@@ -70,14 +123,21 @@ async def _cleanup_all(remote, jobs, yes: bool) -> int:
         for name in (task.uploaded_file_name, task.batch_name, task.output_file)
         if name
     }
-    batches = await remote.list_batches()
+    for _, task in _kept_for_download(jobs):  # the only copy of paid-for results
+        protected.update(n for n in (task.batch_name, task.output_file) if n)
+    listed = await _list_batches_with_inputs(remote)
+    live_inputs = {source for batch, source in listed if source and not batch.state.terminal}
+    protected |= live_inputs
     files = await remote.list_files()
-    doomed_batches = [b for b in batches if b.state.terminal and b.name not in protected]
-    kept = [b for b in batches if not b.state.terminal or b.name in protected]
+    doomed_batches = [b for b, _ in listed if b.state.terminal and b.name not in protected]
+    kept = [b for b, _ in listed if not b.state.terminal or b.name in protected]
     doomed_files = [f for f in files if f["name"] not in protected]
+    kept_files = len(files) - len(doomed_files)
     print(
         f"{len(doomed_batches)} finished batch(es) and {len(doomed_files)} file(s) in the "
-        f"project will be deleted; {len(kept)} pending or running batch(es) are left alone"
+        f"project will be deleted; {len(kept)} batch(es) and {kept_files} file(s) are left "
+        "alone (pending or running batches and their input files, and what this ledger's "
+        "unfinished jobs or failed downloads still need)"
     )
     if not doomed_batches and not doomed_files:
         return 0

@@ -24,9 +24,28 @@ from gembatch.jobs import Job
 T = TypeVar("T")
 LOCAL_STATE_DIR = ".gembatch-emulator"
 
+# Shared by `poll` and `run`: a poll interval of 0 (or less) would call Gemini in a loop.
+INTERVAL = typer.Option(30.0, "--interval", min=0.1, help="Seconds between polls.")
+
+
+def check_ledger_path(path: Path) -> None:
+    """Refuse a ledger in a directory that does not exist: a typo in --job-info must not
+    create directories (or a second ledger) somewhere unexpected."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(
+            f"--job-info {path}: {parent} {what}; create it first or give a ledger path "
+            "in an existing directory"
+        )
+    if path.is_dir():
+        raise UserError(f"--job-info {path} is a directory; give the path of a JSONL file")
+
 
 def ledger_for(ctx: typer.Context) -> Any:
     from gembatch.ledger.jsonl import DEFAULT_TIMEOUT, JsonlLedger
+
+    check_ledger_path(settings(ctx).job_info)
 
     # $GEMBATCH_LOCK_TIMEOUT: seconds to wait for another process's ledger lock.
     text = os.environ.get("GEMBATCH_LOCK_TIMEOUT")
@@ -47,6 +66,7 @@ def local_emulator(options: Settings) -> Iterator[str | None]:
     if not options.local:
         yield None
         return
+    check_ledger_path(options.job_info)
     from gembatch.emulator.config import EmulatorConfig, load_config
     from gembatch.emulator.server import EmulatorThread
 

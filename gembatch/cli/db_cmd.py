@@ -48,7 +48,7 @@ DB_OPTION = typer.Option(
 def backup(
     path: Path = typer.Argument(..., help="Where to write the copy (a file, or a directory)."),
     db: str = DB_OPTION,
-    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Overwrite PATH if it exists."),
 ) -> None:
     """Write a consistent copy of the database, safe while the server is running.
 
@@ -178,7 +178,7 @@ def _restore_locked(backup_file: Path, target: Path) -> tuple[Path | None, DbInf
             f"restore of {backup_file} failed, {target} is unchanged: {_reason(exc)}"
         ) from None
     finally:
-        for name in (temp, *(_side(temp, s) for s in SIDE_FILES)):
+        for name in (temp, *(_side(temp, s) for s in (*SIDE_FILES, ".write.lock"))):
             _remove(name)
     return kept, describe(target)
 

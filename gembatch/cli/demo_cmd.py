@@ -41,11 +41,11 @@ def demo(
 
             async def go() -> int:
                 try:
-                    failures = await flow.submit(engine, inputs, options, sys.stdout)
-                    code = await flow.poll(engine, poll_options, sys.stdout)
-                    return 1 if failures else code
+                    submitted = await flow.submit(engine, inputs, options, sys.stdout)
+                    await flow.poll(engine, poll_options, sys.stdout)
                 finally:
                     await remote.aclose()
+                return flow.outcome_code(engine, submitted.job_ids)
 
             code = common.run(go())
             jobs = engine.jobs()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +31,15 @@ class SubmitOptions:
     max_task_requests: int | None = None
     max_parallel_tasks: int | None = None
     retry_config: RetryConfig | None = None
+
+
+@dataclass
+class Submitted:
+    """What `submit` did: how many files failed to start, and the jobs the command is
+    about (the new ones and the earlier jobs that duplicates were skipped for)."""
+
+    failures: int = 0
+    job_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,9 +82,8 @@ def print_dry_run(inputs: list[ValidatedInput], out: TextIO) -> None:
 
 async def submit(
     engine: Engine, inputs: list[ValidatedInput], options: SubmitOptions, out: TextIO
-) -> int:
-    """Record the jobs, then start as many as the live-batch limit allows. Returns the
-    number of files that failed."""
+) -> Submitted:
+    """Record the jobs, then start as many as the live-batch limit allows."""
     added = await asyncio.to_thread(
         engine.add_jobs,
         inputs,
@@ -93,8 +101,9 @@ async def submit(
         else:
             position[result.job.id] = i
     new_jobs = {r.job.id: r.job for r in added if r.job is not None}
+    about = [(r.job or r.existing).id for r in added if (r.job or r.existing) is not None]
     if not new_jobs:
-        return 0
+        return Submitted(0, about)
     outcomes: dict[str, list[StartOutcome]] = {}
     for outcome in await engine.start(job_ids=set(new_jobs)):
         outcomes.setdefault(outcome.job_id, []).append(outcome)
@@ -132,7 +141,20 @@ async def submit(
                 "`gembatch poll` submits the rest",
                 file=out,
             )
-    return failures
+    for result in added:
+        if result.job is not None and result.note:
+            print(f"[{position[result.job.id]}/{total}] {result.job.input_file}: {result.note}",
+                  file=out)  # fmt: skip
+    return Submitted(failures, about)
+
+
+def outcome_code(engine: Engine, job_ids: list[str]) -> int:
+    """0 when every job the command is about has completed, else 1: the exit code tells
+    the final state of those jobs, not what happened on the way (a 429 that was retried
+    does not fail the command; a skipped duplicate of a failed job does not pass)."""
+    by_id = {job.id: job for job in engine.jobs()}
+    jobs = [by_id.get(job_id) for job_id in job_ids]
+    return 0 if all(j is not None and j.status is JobStatus.COMPLETED for j in jobs) else 1
 
 
 async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
@@ -165,7 +187,8 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
             labels = {j.id: j.input_file for j in jobs}
             now = time.time()
             errors = [
-                (labels.get(job_id, job_id or "ledger"), msg) for job_id, msg in report.errors
+                (labels.get(job_id, job_id or "ledger"), _without(labels.get(job_id), msg))
+                for job_id, msg in report.errors
             ]
             errors += [("ledger", p) for p in engine.problems]
             done = report.unfinished == 0 or options.once
@@ -210,6 +233,13 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
     if options.once and unfinished:
         return 0
     return 1 if any(j.status is JobStatus.FAILED for j in jobs) else 0
+
+
+def _without(label: str | None, message: str) -> str:
+    """The engine's message without the input file it starts with: the line shows it."""
+    if label and message.startswith(f"{label}: "):
+        return message[len(label) + 2 :]
+    return message
 
 
 def _quiet_keyboard() -> Any:

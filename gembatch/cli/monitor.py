@@ -220,11 +220,24 @@ def _count_text(job: Job) -> str:
     return f"{total:,}" if total else ""
 
 
+def current_error(job: Job) -> Any:
+    """The error to show for a job: the one that ended it, or one a task is still
+    dealing with. A past error that was recovered from (a 429 on create, then the batch
+    ran) is not the job's error: it stays in the job's error history (`errors`)."""
+    if job.error is None or job.status is JobStatus.COMPLETED:
+        return None
+    if job.status.terminal:
+        return job.error
+    current = any(t.error is not None and "replaced_by" not in t.extra for t in job.tasks)
+    return job.error if current else None
+
+
 def _error_text(job: Job) -> str:
-    if job.error is None:
+    error = current_error(job)
+    if error is None:
         return ""
-    message = _one_line(job.error.message)
-    return f"{job.error.code}: {message}" if job.error.code else message
+    message = _one_line(error.message)
+    return f"{error.code}: {message}" if error.code else message
 
 
 def _one_line(text: str) -> str:
@@ -500,7 +513,7 @@ def status_table(jobs: Sequence[Job], now: float) -> RenderableType:
     has one); no footer. Long input names and errors wrap instead of being cut."""
     columns = [_Column("ID", style="dim"), *_ROW_COLUMNS]
     columns.insert(4, _Column("Priority", "right", drop=1))
-    with_errors = any(job.error is not None for job in jobs)
+    with_errors = any(current_error(job) is not None for job in jobs)
     if with_errors:
         columns.append(_Column("Error", flex=True, style="red"))
     rows: list[list[RenderableType]] = []
@@ -537,7 +550,8 @@ def status_json(jobs: Sequence[Job]) -> list[dict[str, Any]]:
                 for task in job.tasks
             ],
             "result_file": job.result_file,
-            "error": job.error.to_dict() if job.error else None,
+            "error": error.to_dict() if (error := current_error(job)) else None,
+            "error_count": len(job.errors),  # the history itself is in the ledger
             "created_at": job.created_at,
             "completed_at": job.completed_at,
             "final_state": job.final_state,

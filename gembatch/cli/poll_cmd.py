@@ -13,11 +13,11 @@ from gembatch.cli.app import app, settings
 @app.command()
 def poll(
     ctx: typer.Context,
-    once: bool = typer.Option(False, "--once", help="One cycle, then exit."),
-    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls."),
-    concurrency: int = typer.Option(32, "--concurrency", help="Batches checked at once."),
+    once: bool = typer.Option(False, "--once", metavar="", help="One cycle, then exit."),
+    interval: float = common.INTERVAL,
+    concurrency: int = typer.Option(32, "--concurrency", min=1, help="Batches checked at once."),
     max_live_batches: int = typer.Option(
-        10, "--max-live-batches", help="Remote batches pending or running at once."
+        10, "--max-live-batches", min=0, help="Remote batches pending or running at once."
     ),
 ) -> None:
     """Poll every unfinished job; download, verify and clean up as they finish.
@@ -28,6 +28,7 @@ def poll(
     from gembatch.cli import flow
 
     opts = settings(ctx)
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote(concurrency)
         options = flow.PollOptions(

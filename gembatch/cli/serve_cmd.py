@@ -61,6 +61,7 @@ def serve(
         host=host,
         port=port,
         tokens=load_tokens(tokens),
+        tokens_file=tokens,
         max_upload_bytes=max_upload_mb * 1024 * 1024,
         poll_interval=poll_interval,
         max_live_batches=max_live_batches,

@@ -15,7 +15,9 @@ from gembatch.cli.app import app
 @app.command()
 def status(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json", help="JSON (one array) instead of a table."),
+    as_json: bool = typer.Option(
+        False, "--json", metavar="", help="JSON (one array) instead of a table."
+    ),
 ) -> None:
     """Show every job in the ledger."""
     from gembatch.cli.monitor import status_json, status_table

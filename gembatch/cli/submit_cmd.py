@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import typer
@@ -15,24 +16,32 @@ MODEL = typer.Option(
     None, "-m", "--model", help="Model (default gemini-2.5-flash-lite, or $GEMBATCH_MODEL)."
 )
 DRY_RUN = typer.Option(
-    False, "--dry-run", help="Validate and show what would be submitted; upload nothing."
+    False,
+    "--dry-run",
+    metavar="",
+    help="Validate and show what would be submitted; upload nothing.",
 )
 FORCE = typer.Option(
-    False, "--force", help="Submit even if the same file or content was submitted before."
+    False,
+    "--force",
+    metavar="",
+    help="Submit even if the same file or content was submitted before (the new job's "
+    "results go to a file of their own; earlier results are never overwritten).",
 )
 PRIORITY = typer.Option(0, "--priority", help="Higher runs first (FIFO within a priority).")
 MAX_TASK_BYTES = typer.Option(
-    None, "--max-task-bytes", help="Split inputs larger than this into several batches."
+    None, "--max-task-bytes", min=1, help="Split inputs larger than this into several batches."
 )
 MAX_TASK_REQUESTS = typer.Option(
-    None, "--max-task-requests", help="Split inputs with more requests than this."
+    None, "--max-task-requests", min=1, help="Split inputs with more requests than this."
 )
 MAX_PARALLEL = typer.Option(
-    None, "--max-parallel-tasks", help="At most this many of a job's batches live at once."
+    None, "--max-parallel-tasks", min=1, help="At most this many of a job's batches live at once."
 )
 MAX_ATTEMPTS = typer.Option(
     3,
     "--max-attempts",
+    min=1,
     help="Tries per batch (retryable errors, and EXPIRED with --retry-on EXPIRED).",
 )
 RETRY_ON = typer.Option(
@@ -43,14 +52,27 @@ RETRY_ON = typer.Option(
 RETRY_FAILED = typer.Option(
     False,
     "--retry-failed-requests",
+    metavar="",
     help="Resubmit requests that failed inside a succeeded batch automatically.",
 )
 RETRY_INTERVAL = typer.Option(
-    30.0, "--retry-interval", help="Seconds before the first retry; doubled each time."
+    30.0, "--retry-interval", min=0.0, help="Seconds before the first retry; doubled each time."
 )
 MAX_LIVE = typer.Option(
-    10, "--max-live-batches", help="Remote batches pending or running at once (Gemini allows 100)."
+    10,
+    "--max-live-batches",
+    min=0,
+    help="Remote batches pending or running at once (Gemini allows 100).",
 )
+
+
+# RetryConfig's fields, as the command line spells them (for its error messages).
+_RETRY_OPTIONS = {
+    "retry_on_errors": "--retry-on",
+    "max_attempts": "--max-attempts",
+    "retry_interval": "--retry-interval",
+    "retry_failed_requests": "--retry-failed-requests",
+}
 
 
 def submit_options(
@@ -67,7 +89,7 @@ def submit_options(
     retry_interval: float = 30.0,
 ):
     from gembatch.cli.flow import SubmitOptions
-    from gembatch.jobs import RetryConfig
+    from gembatch.jobs import ErrorClass, RetryConfig
 
     config = {
         "max_attempts": max_attempts,
@@ -75,11 +97,21 @@ def submit_options(
         "retry_interval": retry_interval,
     }
     if retry_on:
-        config["retry_on_errors"] = retry_on
+        known = {e.value for e in ErrorClass}
+        for value in retry_on:
+            if value.strip().upper() not in known:
+                raise UserError(
+                    f"--retry-on {value}: unknown error class; use one of "
+                    + ", ".join(e.value for e in ErrorClass)
+                )
+        config["retry_on_errors"] = [v.strip().upper() for v in retry_on]
     try:
         retry_config = RetryConfig.from_dict(config)
     except ValueError as exc:
-        raise UserError(str(exc).replace("retry_config.", "--")) from None
+        message = str(exc)
+        for field, option in _RETRY_OPTIONS.items():
+            message = message.replace(f"retry_config.{field}", option)
+        raise UserError(message) from None
     for name, value in (
         ("--max-task-bytes", max_task_bytes),
         ("--max-task-requests", max_task_requests),
@@ -141,6 +173,7 @@ def _submit(ctx: typer.Context, files: list[str], options, max_live_batches: int
     if options.dry_run:
         flow.print_dry_run(flow.validate(files, options), sys.stdout)
         return 0
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote()  # the key is checked before any work
         inputs = flow.validate(files, options)
@@ -153,7 +186,7 @@ def _submit(ctx: typer.Context, files: list[str], options, max_live_batches: int
 
         async def go() -> int:
             try:
-                return await flow.submit(engine, inputs, options, sys.stdout)
+                return (await flow.submit(engine, inputs, options, sys.stdout)).failures
             finally:
                 await remote.aclose()
 
@@ -176,7 +209,7 @@ def run(
     retry_failed_requests: bool = RETRY_FAILED,
     retry_interval: float = RETRY_INTERVAL,
     max_live_batches: int = MAX_LIVE,
-    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls."),
+    interval: float = common.INTERVAL,
 ) -> None:
     """Submit request files, then poll until every job is finished."""
     from gembatch.cli import flow
@@ -195,6 +228,7 @@ def run(
         retry_interval,
     )
     opts = settings(ctx)
+    common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
         remote = common.make_remote()
         inputs = flow.validate(files, options)
@@ -204,11 +238,12 @@ def run(
 
         async def go() -> int:
             try:
-                failures = await flow.submit(engine, inputs, options, sys.stdout)
-                code = await flow.poll(engine, poll_options, sys.stdout)
-                return 1 if failures else code
+                submitted = await flow.submit(engine, inputs, options, sys.stdout)
+                await flow.poll(engine, poll_options, sys.stdout)
             finally:
                 await remote.aclose()
+            # The final state of this command's jobs decides, not a 429 retried on the way.
+            return await asyncio.to_thread(flow.outcome_code, engine, submitted.job_ids)
 
         try:
             code = common.run(go())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import secrets
@@ -53,7 +54,24 @@ WORK_DIR = ".gembatch"
 
 
 class EngineLedger(Protocol):
-    """What the engine needs from a ledger (JsonlLedger and the SQL ledger provide it)."""
+    """What the engine needs from a ledger (JsonlLedger and the SQL ledger provide it).
+
+    - `load()`: every record (a snapshot with `records` and `problems`).
+    - `add_many(records)`: append new records; one bool per record (False: id taken).
+    - `apply({job_id: change})`: run each change on the freshest record in one
+      transaction; the result has `records`, `errors` and `missing` by job id.
+    - `transact(select)`: `select(records)` picks the changes (and, returning a pair,
+      new records) inside the same transaction.
+    - `find_by_id(job_id)`: one record or None, finished jobs included (`retry` works on
+      finished jobs, which `load_active` leaves out).
+
+    Optional, used when present:
+    - `load_active()`: like `load`, without finished jobs (what each cycle works on).
+    - `claim_starts(select, max_busy=, now=)`: like `transact`, but the ledger hands
+      `select` only the jobs that may start a task and the count of busy tasks as
+      `busy` (the SQL ledger locks just those rows); `select(records, busy)` returns the
+      claims as in `transact`.
+    """
 
     def load(self) -> Any: ...
 
@@ -62,6 +80,8 @@ class EngineLedger(Protocol):
     def apply(self, changes: Mapping[str, Change]) -> Any: ...
 
     def transact(self, select: Callable[[list[Record]], Mapping[str, Change]]) -> Any: ...
+
+    def find_by_id(self, job_id: str) -> Record | None: ...
 
 
 @dataclass
@@ -91,6 +111,7 @@ class AddResult:
     job: Job | None = None  # the new job, when added
     existing: Job | None = None  # the job it duplicates, when skipped
     reason: str = ""
+    note: str = ""  # something the user should know about the new job (its results file)
 
 
 @dataclass
@@ -262,8 +283,14 @@ class Engine:
                 if duplicate is not None:
                     results.append(AddResult(item, existing=duplicate, reason=_why(duplicate)))
                     continue
+                job_id = job_ids[position] if job_ids else reducers.new_job_id()
+                note = ""
+                if result_files:
+                    result_file = result_files[position]
+                else:
+                    result_file, note = _own_results_path(item.path, job_id, existing)
                 job = reducers.new_job(
-                    job_id=job_ids[position] if job_ids else reducers.new_job_id(),
+                    job_id=job_id,
                     input_file=item.display,
                     input_path=str(item.path),
                     sha256=item.sha256,
@@ -276,18 +303,18 @@ class Engine:
                     priority=priority,
                     retry_config=retry_config or RetryConfig(),
                     max_parallel_tasks=max_parallel_tasks,
-                    result_file=(
-                        result_files[position] if result_files else str(results_path(item.path))
-                    ),
+                    result_file=result_file,
                     now=now,
                 )
                 job.extra.update(extra or {})
                 existing.append(job)
                 new_records.append(job.to_record())
-                results.append(AddResult(item, job=job))
+                results.append(AddResult(item, job=job, note=note))
             return {}, new_records
 
-        if force:  # no duplicate check: no need to read (possibly thousands of) active jobs
+        if force and result_files:
+            # No duplicate check and the caller names the results files: no need to read
+            # (possibly thousands of) jobs.
             self.ledger.add_many(select([])[1])
         else:
             self.ledger.transact(select)
@@ -724,6 +751,13 @@ class Engine:
                     continue
             if isinstance(result, BaseException):
                 classified = classify(result)
+                if classified.error_class is ErrorClass.NOT_FOUND:
+                    classified = dataclasses.replace(
+                        classified,
+                        message=f"batch {task.batch_name} no longer exists (deleted outside "
+                        f"gembatch?): {classified.message}; `gembatch retry "
+                        f"{job.input_file}` submits its requests again",
+                    )
                 info = error_info(
                     classified,
                     step=Step.PROCESSING.value,
@@ -742,7 +776,7 @@ class Engine:
                     ),
                 )
                 change = self._change(reducers.poll_failed, task.index, info, delay, now)
-                report.errors.append((job.id, f"{job.input_file}: {classified.message}"))
+                report.errors.append((job.id, f"{job.input_file}: {_headline(classified)}"))
             else:
                 seen = result.to_batch_dict()
                 if _unchanged(task, seen):
@@ -843,6 +877,8 @@ class Engine:
                 if isinstance(exc, _DownloadIncomplete)
                 else classify(exc)
             )
+            if classified.error_class is ErrorClass.LOCAL_IO:
+                classified = _local_io_advice(classified, exc, part, job)
             outcome = await self._step_failed(
                 job, index, TaskEvent.DOWNLOAD_FAILED, Step.DOWNLOADING, classified
             )
@@ -870,12 +906,12 @@ class Engine:
         return None
 
     # -- cleanup -----------------------------------------------------------------------------
-    async def cleanup_finished(self, report: CycleReport) -> None:
+    async def cleanup_finished(self, report: CycleReport, jobs: list[Job] | None = None) -> None:
         """Delete the remote input and batch of tasks whose results are safe on disk, and of
         tasks that ended without results. Never for a download that failed: its results
-        still exist only remotely."""
+        still exist only remotely. `jobs`: these (default: the unfinished ones)."""
         targets = []
-        for job in await self._jobs():
+        for job in jobs if jobs is not None else await self._jobs():
             for task in job.tasks:
                 names = cleanup_targets(task, self.settings.max_cleanup_attempts)
                 if names or task.state is TaskState.DOWNLOADED:
@@ -1006,9 +1042,13 @@ class Engine:
         return Job.from_record(result.records[job_id])
 
     async def cleanup_remote(self, job_ids: Collection[str] | None = None) -> list[str]:
-        """Delete what finished jobs left remotely (inputs, batches, outputs) and say what."""
+        """Delete what jobs left remotely (inputs, batches, outputs), finished jobs
+        included (each cycle only looks at unfinished ones), and say what failed."""
+        jobs = await asyncio.to_thread(self.jobs)
+        if job_ids is not None:
+            jobs = [job for job in jobs if job.id in job_ids]
         report = CycleReport()
-        await self.cleanup_finished(report)
+        await self.cleanup_finished(report, jobs)
         return [message for _, message in report.errors]
 
 
@@ -1022,6 +1062,27 @@ class _DownloadIncomplete(Exception):
 def results_path(input_path: Path) -> Path:
     """`<input dir>/results/<input name>` (seed 000)."""
     return input_path.parent / "results" / input_path.name
+
+
+def _own_results_path(input_path: Path, job_id: str, jobs: list[Job]) -> tuple[str, str]:
+    """The results file of a new job, and a note when it is not the usual one: results
+    already written (or to be written) for an earlier job of the same input, e.g. one
+    submitted again with --force, are never overwritten; the new job gets its own file."""
+    usual = results_path(input_path)
+    taken = {os.path.realpath(j.result_file) for j in jobs if j.result_file}
+    if os.path.realpath(usual) not in taken and not usual.exists():
+        return str(usual), ""
+    own = usual.with_name(f"{usual.stem}.{job_id}{usual.suffix}")
+    owner = next(
+        (
+            j.id
+            for j in jobs
+            if j.result_file and os.path.realpath(j.result_file) == os.path.realpath(usual)
+        ),
+        None,
+    )
+    whose = f"job {owner}'s results" if owner else "an earlier results file"
+    return str(own), f"results will go to {own} ({usual} holds {whose}; it is left as it is)"
 
 
 def work_dir(job: Job) -> Path:
@@ -1067,7 +1128,7 @@ def cleanup_targets(task: Any, max_attempts: int) -> dict[str, str]:
     if (
         task.output_file
         and task.state in (TaskState.DOWNLOADED, TaskState.DONE)
-        and "output_file" not in task.cleaned
+        and not task.cleaned.get("output_file")
     ):
         names["output_file"] = task.output_file
     if task.state is TaskState.DONE and not task.extra.get("cleanup_errors"):
@@ -1224,6 +1285,32 @@ def _why(job: Job) -> str:
             f"run `gembatch retry {job.id}` or submit with --force"
         )
     return f"already submitted as job {job.id} ({job.status.value})"
+
+
+def _local_io_advice(
+    classified: Classified, exc: BaseException, part: Path, job: Job
+) -> Classified:
+    """A local write error during a download, said with where and what to do: the bare
+    `[Errno 28] No space left on device` names neither the path nor the way out."""
+    import errno
+
+    where = getattr(exc, "filename", None) or str(part.parent)
+    number = getattr(exc, "errno", None)
+    if number in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        what = "no space left on the device" if number == errno.ENOSPC else "over the disk quota"
+        if number == errno.EFBIG:
+            what = "the file is too large for the file system"
+        fix = "free some space there"
+    elif number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what, fix = "not allowed to write there", "make it writable"
+    else:
+        what, fix = getattr(exc, "strerror", None) or classified.message, "fix that"
+    message = (
+        f"{what} while writing the results to {where}: {fix}; the results are safe on "
+        "Gemini and `gembatch poll` downloads them again (or `gembatch retry "
+        f"{job.input_file}` once the job has failed)"
+    )
+    return dataclasses.replace(classified, message=message)
 
 
 def _headline(classified: Classified) -> str:

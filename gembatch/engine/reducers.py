@@ -65,7 +65,7 @@ _STEP_ORDER = list(Step)
 
 
 def new_job_id() -> str:
-    return "j" + secrets.token_hex(4)
+    return "j" + secrets.token_hex(8)  # 64 bits: no collision among millions of jobs
 
 
 def display_name(job: Job, task: Task) -> str:
@@ -468,7 +468,10 @@ def retry(job: Job, now: float, failed_keys_task: TaskInput | None = None) -> Jo
     for task in list(job.tasks):
         unfinished_business = task.state in (TaskState.FAILED, TaskState.CANCELLED)
         if unfinished_business and "replaced_by" not in task.extra and task.input.count:
-            _replace(job, task, now, now)
+            if download_failed(task):
+                _download_again(job, task, now)
+            else:
+                _replace(job, task, now, now)
             added = True
     if failed_keys_task is not None and failed_keys_task.count:
         task = Task(
@@ -489,7 +492,49 @@ def retry(job: Job, now: float, failed_keys_task: TaskInput | None = None) -> Jo
     job.final_state = None
     job.duration_seconds = None
     job.error = None
-    return settle(job, now)
+    job = settle(job, now)
+    if job.status is JobStatus.RUNNING:
+        # A download to do again counts as started, but RETRY leads to pending (ledgers
+        # refuse failed -> running in one write); claiming the download starts the job.
+        job.status = JobStatus.PENDING
+    return job
+
+
+def download_failed(task: Task) -> bool:
+    """A task whose batch succeeded but whose results never reached the disk (the
+    download kept being cut, the disk was full): its results exist only remotely."""
+    return (
+        task.state is TaskState.FAILED
+        and task.remote_state is RemoteState.SUCCEEDED
+        and bool(task.output_file)
+        and task.error is not None
+        and task.error.error_class in (ErrorClass.DOWNLOAD, ErrorClass.LOCAL_IO)
+    )
+
+
+def _download_again(job: Job, old: Task, now: float) -> Task:
+    """`retry` of a failed download: a new task that starts at the download of the same
+    batch (already paid for), not a new batch. It takes over the batch, its input and
+    output files (their cleanup is its own now) and the batch's request counts."""
+    task = Task(
+        index=max(t.index for t in job.tasks) + 1,
+        attempt=old.attempt,
+        state=TaskState.SUCCEEDED,
+        input=copy.deepcopy(old.input),
+        requests=old.requests,
+        created_at=now_iso(now),
+    )
+    task.display_name = old.display_name  # the batch's own name (reconcile looks it up)
+    task.uploaded_file_name = old.uploaded_file_name
+    task.batch_name = old.batch_name
+    task.batch = copy.deepcopy(old.batch)
+    task.remote_state = old.remote_state
+    task.output_file = old.output_file
+    task.cleaned = dict(old.cleaned)
+    old.requests = RequestCounts(total=old.input.count)  # counted once, by the new task
+    old.extra["replaced_by"] = task.index
+    job.tasks.append(task)
+    return task
 
 
 @_pure
@@ -523,6 +568,8 @@ def finalize(job: Job, now: float, *, results_complete: bool) -> Job:
     started = parse_time(job.created_at)
     job.duration_seconds = int(now - started) if started is not None else None
     job.step = Step.FINALIZING if job.status is JobStatus.COMPLETED else job.step
+    if job.status is JobStatus.COMPLETED:
+        job.error = None  # errors recovered from stay in `errors`, not shown as the job's
     job.updated_at = now_iso(now)
     job.message = _message(job, now)
     return job
@@ -542,9 +589,26 @@ def settle(job: Job, now: float) -> Job:
         elif active and not started and job.status is JobStatus.RUNNING:
             job.status = job_transition(job.status, JobEvent.WAIT) or job.status
     steps = [_task_step(t) for t in active]
-    job.step = min(steps, key=_STEP_ORDER.index) if steps else Step.FINALIZING
+    if steps:
+        job.step = min(steps, key=_STEP_ORDER.index)
+    else:  # every task has ended: finalizing, unless a failure ends the job where it was
+        job.step = _failed_step(job) or Step.FINALIZING
     job.message = _message(job, now)
     return job
+
+
+def _failed_step(job: Job) -> Step | None:
+    """The step at which a job whose tasks have all ended failed (seed 003 shows a failed
+    job at its step and progress), or None when it will not fail: no task failed for good,
+    or the job is being cancelled. With several failed tasks, the first to fail decides."""
+    effective = [t for t in job.tasks if "replaced_by" not in t.extra]
+    failed = [t for t in effective if t.state is TaskState.FAILED]
+    cancelled = any(t.state is TaskState.CANCELLED for t in effective)
+    if not failed or cancelled or job.status is JobStatus.CANCELLING:
+        return None  # `finalize` completes or cancels such a job
+    first = min(failed, key=lambda t: (t.ended_at or "", t.index))
+    step = first.error.step if first.error is not None else None
+    return Step(step) if step in Step._value2member_map_ else job.step
 
 
 def needs_finalize(job: Job) -> bool:

@@ -36,6 +36,7 @@ def gembatch(
         [sys.executable, "-m", "gembatch", *args],
         cwd=cwd,
         env=environment,
+        stdin=subprocess.DEVNULL,  # never a terminal: confirmations must be refused
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -486,3 +486,20 @@ def test_plain_summary_gives_totals_results_and_failures() -> None:
     assert "expired: late.jsonl" in lines
     assert lines == summary_lines(jobs)
     assert not ANSI.search(out.getvalue())
+
+
+def test_an_error_recovered_from_is_not_shown_as_the_jobs_error() -> None:
+    past = ErrorInfo("429 RESOURCE_EXHAUSTED", "slow down", ErrorClass.RATE_LIMITED)
+    done = succeeded(error=past)  # a record written before finalize cleared it
+    busy = running(error=past)  # the batch was created after the 429: no task has an error
+    stuck = running("stuck", error=past)
+    stuck.tasks[0].error = past  # still dealing with it
+    jobs = [done, busy, stuck]
+    plain = io.StringIO()
+    PlainReporter(plain, clock=lambda: NOW).update(jobs, CycleInfo(NOW, None))
+    lines = plain.getvalue().splitlines()
+    assert [("RESOURCE_EXHAUSTED" in line) for line in lines] == [False, False, True]
+    assert [entry["error"] is not None for entry in status_json(jobs)] == [False, False, True]
+    console = Console(record=True, width=200)
+    console.print(status_table([done, busy], NOW))
+    assert "Error" not in console.export_text()

@@ -75,6 +75,7 @@ def test_a_bad_api_key_is_reported_not_retried(emulator_factory: Any, tmp_path: 
     done = gembatch(emulator, tmp_path, "submit", "a.jsonl")
     assert done.returncode == 1
     assert "API key not valid" in done.stdout
+    assert emulator.stats()["upload_starts"] == 0  # refused before a byte was sent
     (record,) = ledger(tmp_path)
     assert record["status"] == "failed" and record["error"]["class"] == "AUTH"
 

@@ -212,6 +212,35 @@ def test_a_failed_download_keeps_the_task_succeeded_for_another_try() -> None:
     assert gave_up.tasks[0].state is TaskState.FAILED
 
 
+def test_retry_of_a_failed_download_downloads_the_same_batch_again() -> None:
+    job = submitted(make_job())
+    done = batch("JOB_STATE_SUCCEEDED", dest={"file_name": "files/batch-b1"})
+    job = reducers.polled(job, 0, done, RequestCounts(10, 10, 0), NOW)
+    job = reducers.claim_download(job, 0, OWNER, NOW)
+    error = ErrorInfo("ENOSPC", "disk full", ErrorClass.LOCAL_IO)
+    job = reducers.step_failed(
+        job, 0, TaskEvent.DOWNLOAD_FAILED, error, Decision(False, 0, "no"), NOW
+    )
+    job = roundtrip(reducers.finalize(job, NOW, results_complete=False))
+    assert job.status is JobStatus.FAILED and reducers.download_failed(job.tasks[0])
+
+    job = roundtrip(reducers.retry(job, NOW + 1))
+
+    old, new = job.tasks
+    assert new.state is TaskState.SUCCEEDED  # no upload, no create: the same batch
+    assert (new.batch_name, new.output_file) == ("batches/b1", "files/batch-b1")
+    assert new.uploaded_file_name == "files/f1" and old.extra["replaced_by"] == new.index
+    assert job.status is JobStatus.PENDING and legal_status_change(JobStatus.FAILED, job.status)
+    assert job.requests == RequestCounts(10, 10, 0)  # the batch's counts, moved: once
+    job = reducers.claim_download(job, new.index, OWNER, NOW + 2)
+    assert job.status is JobStatus.RUNNING
+    job = reducers.downloaded(job, new.index, "/p/part", RequestCounts(10, 10, 0), NOW + 3)
+    job = reducers.cleaned(job, new.index, {"input_file": True, "batch": True}, [], NOW + 3)
+    job = reducers.finalize(job, NOW + 4, results_complete=True)
+    assert job.status is JobStatus.COMPLETED and job.requests == RequestCounts(10, 10, 0)
+    assert job.error is None and len(job.errors) == 1  # the past error stays in the history
+
+
 def test_cancel_pending_is_immediate_and_running_waits_for_gemini() -> None:
     pending = reducers.cancel(make_job(), NOW)
     assert pending.status is JobStatus.CANCELLED
