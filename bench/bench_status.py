@@ -30,7 +30,6 @@ from typing import Any
 
 import _common
 import httpx
-import whatif
 
 from gembatch.server.run import READY_PREFIX
 
@@ -134,14 +133,6 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3, help="rounds (medians reported)")
-    parser.add_argument(
-        "--patch",
-        action="append",
-        default=[],
-        choices=sorted(whatif.PATCHES),
-        help="measure a proposed server change by patching it in (bench/whatif.py); "
-        "applied to both servers",
-    )
     parser.add_argument("--no-target", action="store_true", help="always exit 0 (smoke tests)")
     args = parser.parse_args()
     _common.raise_open_files_limit(4 * args.clients + 256)
@@ -151,9 +142,8 @@ def main() -> int:
         emulator = _common.start_emulator(emulator_config(), state_dir=workdir / "emulator")
         service = bare = None
         try:
-            patches = whatif.environment(args.patch)
             service = _common.start_service(
-                workdir / "service", emulator, ["--poll-interval", "60"], env=patches
+                workdir / "service", emulator, ["--poll-interval", "60"]
             )
             job_id = _common.create_service_job(service.base_url, 10)
             path = f"/api/job/{job_id}/status"
@@ -161,7 +151,7 @@ def main() -> int:
             body.raise_for_status()
             body_path = workdir / "status.json"
             body_path.write_bytes(body.content)
-            bare = BareServer(body_path, patches)
+            bare = BareServer(body_path, {})
             assert service.proc is not None
             servers = {
                 "gembatch": (service.base_url, service.proc.pid),
@@ -182,8 +172,6 @@ def main() -> int:
             if service is not None:
                 service.stop()
             emulator.close()
-    if args.patch:
-        print(f"(what-if, both servers: {', '.join(args.patch)})")
     print(f"machine: {_common.machine_note()}, load average {os.getloadavg()[0]:.1f}")
     ok = report(args, rounds, len(body.content))
     return 0 if ok or args.no_target else 1

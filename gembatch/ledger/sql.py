@@ -26,8 +26,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -50,6 +50,11 @@ from gembatch.ledger import migrations as m
 
 # The JSONL ledger's own status guard: both ledgers refuse exactly the same changes.
 from gembatch.ledger.jsonl import ApplyResult, _check_status_change, copy_record
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,6 +162,9 @@ class SqlLedger:
         self._channel: str | None = None
         self._commit_listeners: list[Callable[[dict[str, int]], None]] = []
         self._raw: dict[int, sqlite3.Connection] = {}  # SQLite: per-thread reads
+        self._write_mutex = threading.Lock()  # SQLite: this process's writers in turn
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
         self._engine = self._create_engine()
         if self._sqlite_path is not None:
             _SQLITE_LEDGERS.add(self)
@@ -199,6 +207,10 @@ class SqlLedger:
     def close(self) -> None:
         self._close_raw()
         self._engine.dispose()
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+        self._lock_fd = None
 
     def add_commit_listener(self, listener: Callable[[dict[str, int]], None]) -> None:
         """Call `listener(notes)` after each commit, in this process, that added events
@@ -337,7 +349,8 @@ class SqlLedger:
         a due, claimable task, highest priority first, then oldest; on PostgreSQL rows
         another writer holds (a poll result being written) are skipped (`FOR UPDATE SKIP
         LOCKED`) rather than waited for. `select(records, busy)` decides, as for
-        `transact`; `busy` counts the tasks holding or about to hold a remote batch.
+        `transact` (it must not modify `records`); `busy` counts the tasks holding or about
+        to hold a remote batch.
         """
 
         def work(conn: Connection) -> ApplyResult:
@@ -374,8 +387,10 @@ class SqlLedger:
                 return ApplyResult()
             rows = self._rows_by_id(conn, ids, lock=False)
             records = [rows[job_id].record for job_id in ids if job_id in rows]
-            changes = select(records, busy)
-            return self._apply(conn, changes) if changes else ApplyResult()
+            changes = select(records, busy)  # reads them; each change gets its own copy
+            # The rows are locked already (SQLite: the write lock; PostgreSQL: FOR UPDATE
+            # above): no need to read them again.
+            return self._apply(conn, changes, rows) if changes else ApplyResult()
 
         return self._run(work, write=True)
 
@@ -897,7 +912,7 @@ class SqlLedger:
         while True:
             attempt += 1
             try:
-                with self._engine.connect() as conn:
+                with self._write_turn(write), self._engine.connect() as conn:
                     conn.execution_options(**{_WRITE: write})
                     local.conn, local.write, local.dirty = conn, write, False
                     local.notes = {}
@@ -924,6 +939,40 @@ class SqlLedger:
                 except Exception:  # a listener's trouble is not the write's
                     _log.exception("commit listener failed")
         return result
+
+    @contextlib.contextmanager
+    def _write_turn(self, write: bool) -> Iterator[None]:
+        """SQLite: writers of this database take turns here before BEGIN IMMEDIATE:
+        threads by a mutex, processes by `flock` on `<db>.write.lock`. A waiter is woken
+        the moment the writer before it is done; SQLite's own busy handler would have it
+        sleep 1-100 ms at a time, so under contention the database sat idle between
+        writes. Writers that do not take turns (another tool) still meet busy_timeout."""
+        if not write or self._sqlite_path is None:
+            yield
+            return
+        with self._write_mutex:
+            fd = self._write_lock_fd()
+            if fd is None:
+                yield
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _write_lock_fd(self) -> int | None:
+        if fcntl is None:  # pragma: no cover - not on Windows
+            return None
+        if self._lock_fd is None or self._lock_pid != os.getpid():
+            assert self._sqlite_path is not None
+            path = f"{self._sqlite_path}.write.lock"
+            try:
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:  # a read-only directory: SQLite's own locking still holds
+                return None
+            self._lock_pid = os.getpid()
+        return self._lock_fd
 
     def _retryable(self, exc: BaseException) -> bool:
         """SQLITE_BUSY/LOCKED; on PostgreSQL a serialization failure or a deadlock. Only
@@ -1032,10 +1081,18 @@ class SqlLedger:
             found.update(conn.execute(query).scalars())
         return found
 
-    def _apply(self, conn: Connection, changes: Mapping[str, Change]) -> ApplyResult:
+    def _apply(
+        self,
+        conn: Connection,
+        changes: Mapping[str, Change],
+        rows: dict[str, _Row] | None = None,
+    ) -> ApplyResult:
+        """`rows`: the jobs as this transaction has already read (and locked) them."""
         result = ApplyResult()
-        rows = self._rows_by_id(conn, list(changes), lock=True)
+        if rows is None or not all(job_id in rows for job_id in changes):
+            rows = self._rows_by_id(conn, list(changes), lock=True)
         now = self.clock()
+        staged = _Staged()
         for job_id, change in changes.items():
             row = rows.get(job_id)
             if row is None:
@@ -1061,14 +1118,17 @@ class SqlLedger:
             except Exception as exc:
                 result.errors[job_id] = exc
                 continue
-            if new != row.record:
-                try:
-                    events = self._events(row.record, new)
-                except Exception as exc:
-                    result.errors[job_id] = exc
-                    continue
-                row = rows[job_id] = self._update(conn, row, new, events, now)
-            result.records[job_id] = copy_record(row.record)
+            if new == row.record:
+                result.records[job_id] = new  # a fresh object: nobody else holds it
+                continue
+            try:
+                events = self._events(row.record, new)
+            except Exception as exc:
+                result.errors[job_id] = exc
+                continue
+            rows[job_id] = self._stage_update(staged, row, new, events, now)
+            result.records[job_id] = new  # fresh from _normal; `rows` dies with this call
+        self._write_staged(conn, staged)
         return result
 
     def _view_text(self, record: Record) -> str | None:
@@ -1108,40 +1168,53 @@ class SqlLedger:
     def _update(
         self, conn: Connection, row: _Row, new: Record, events: list[_EventLike], now: float
     ) -> _Row:
+        staged = _Staged()
+        updated = self._stage_update(staged, row, new, events, now)
+        self._write_staged(conn, staged)
+        return updated
+
+    def _stage_update(
+        self, staged: _Staged, row: _Row, new: Record, events: list[_EventLike], now: float
+    ) -> _Row:
+        """Plan the writes that turn `row` into `new` (with its events); `_write_staged`
+        sends the plans of many jobs as a few executemany calls."""
         stored, new_tasks = _split(new)
         values = _job_values(new, stored, now=now, previous=row)
         values["last_seq"] = row.last_seq + len(events)
         values["view"] = self._view_text(new)
-        conn.execute(_job_update(tuple(values)), {**values, "b_id": row.id})
+        staged.jobs.setdefault(tuple(values), []).append({**values, "b_id": row.id})
         old_tasks = row.record.get("tasks") if isinstance(row.record.get("tasks"), list) else []
-        changed = [
-            {"b_job_id": row.id, "b_idx": i, **_task_values(row.id, i, task)}
-            for i, task in enumerate(new_tasks[: len(old_tasks)])
-            if task != old_tasks[i]
-        ]
-        if changed:
-            for item in changed:
+        for i, task in enumerate(new_tasks[: len(old_tasks)]):
+            if task != old_tasks[i]:
+                item = _task_values(row.id, i, task)
                 del item["job_id"], item["idx"]
-            conn.execute(
-                m.tasks.update().where(
-                    m.tasks.c.job_id == sa.bindparam("b_job_id"),
-                    m.tasks.c.idx == sa.bindparam("b_idx"),
-                ),
-                changed,
-            )
-        added = [_task_values(row.id, i, t) for i, t in enumerate(new_tasks) if i >= len(old_tasks)]
-        if added:
-            conn.execute(m.tasks.insert(), added)
+                staged.task_updates.append({"b_job_id": row.id, "b_idx": i, **item})
+        staged.task_inserts.extend(
+            _task_values(row.id, i, t) for i, t in enumerate(new_tasks) if i >= len(old_tasks)
+        )
         if len(new_tasks) < len(old_tasks):
-            conn.execute(
-                m.tasks.delete().where(m.tasks.c.job_id == row.id, m.tasks.c.idx >= len(new_tasks))
-            )
+            staged.task_trims.append((row.id, len(new_tasks)))
         if events:
-            conn.execute(m.job_events.insert(), _event_rows(row.id, row.last_seq, events, now))
-            self._announce(conn, {row.id: values["last_seq"]})
-        self._dirty()
+            staged.events.extend(_event_rows(row.id, row.last_seq, events, now))
+            staged.announce[row.id] = values["last_seq"]
         return _Row(row.id, values["status"], values["created_at"], values["finished_at"],
                     values["last_seq"], new)  # fmt: skip
+
+    def _write_staged(self, conn: Connection, staged: _Staged) -> None:
+        if not staged.jobs:
+            return
+        for columns, params in staged.jobs.items():
+            conn.execute(_job_update(columns), params)
+        if staged.task_updates:
+            conn.execute(_TASK_UPDATE, staged.task_updates)
+        if staged.task_inserts:
+            conn.execute(m.tasks.insert(), staged.task_inserts)
+        for job_id, keep in staged.task_trims:
+            conn.execute(m.tasks.delete().where(m.tasks.c.job_id == job_id, m.tasks.c.idx >= keep))
+        if staged.events:
+            conn.execute(m.job_events.insert(), staged.events)
+            self._announce(conn, staged.announce)
+        self._dirty()
 
     def _announce(self, conn: Connection, last_seqs: Mapping[str, int]) -> None:
         """PostgreSQL: NOTIFY `<job id> <seq>` for listeners in other processes (sent at
@@ -1197,6 +1270,30 @@ _VIEW_BY_USER = sa.select(m.jobs.c.view).where(
 )
 _VIEW_SQL = "SELECT view FROM jobs WHERE id = ?"
 _VIEW_BY_USER_SQL = "SELECT view FROM jobs WHERE id = ? AND user_id = ?"
+
+
+@dataclass
+class _Staged:
+    """The writes of one `apply`, gathered so that many jobs cost a few statements."""
+
+    jobs: dict[tuple[str, ...], list[dict[str, Any]]] = field(default_factory=dict)
+    task_updates: list[dict[str, Any]] = field(default_factory=list)
+    task_inserts: list[dict[str, Any]] = field(default_factory=list)
+    task_trims: list[tuple[str, int]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    announce: dict[str, int] = field(default_factory=dict)
+
+
+_TASK_UPDATE = (
+    sa.update(m.tasks)
+    .where(m.tasks.c.job_id == sa.bindparam("b_job_id"), m.tasks.c.idx == sa.bindparam("b_idx"))
+    .values(
+        {
+            name: sa.bindparam(name)
+            for name in ("state", "display_name", "batch_name", "record", "not_before")
+        }
+    )
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1362,7 +1459,7 @@ def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
 
 
 def _remove_database_files(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in ("", "-wal", "-shm", "-journal", ".write.lock"):
         with contextlib.suppress(FileNotFoundError):
             Path(f"{path}{suffix}").unlink()
 
