@@ -24,7 +24,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,14 +188,10 @@ async def measure(
     ledger: JsonlLedger,
     concurrency: int,
     repeat: int,
-    patches: list[str],
     emulator_pid: int,
 ) -> dict[str, Any]:
     remote = Remote(api_key, base_url, concurrency=concurrency)
     engine = Engine(ledger, remote, EngineSettings(poll_concurrency=concurrency))
-    for name in PATCHES:  # in a fixed order: some wrap what another installed
-        if name in patches:
-            PATCHES[name](engine, concurrency)
     timings = Timings()
     timings.wrap(engine, remote, ledger)
     rounds = []
@@ -245,111 +240,6 @@ async def measure(
         "cycle": cycle,
         "cycle_polled": cycle_report.polled,
     }
-
-
-# -- what-if patches: engine changes measured without editing the engine ---------------------
-
-
-def _patch_one_load(engine: Engine, concurrency: int) -> None:
-    """poll() reads the jobs once and hands them to _send_cancels (today both read and
-    parse the whole ledger)."""
-    jobs, poll = engine.jobs, engine.poll
-    within_poll: list[list[Job]] = []
-
-    def jobs_once() -> list[Job]:
-        if within_poll and within_poll[0]:
-            return list(within_poll[0])
-        loaded = jobs()
-        if within_poll:
-            within_poll[0] = loaded
-        return loaded
-
-    async def poll_reading_once(report: CycleReport) -> None:
-        within_poll.append([])
-        try:
-            await poll(report)
-        finally:
-            within_poll.clear()
-
-    engine.jobs = jobs_once  # type: ignore[method-assign]
-    engine.poll = poll_reading_once  # type: ignore[method-assign]
-
-
-def _patch_httpx2(engine: Engine, concurrency: int) -> None:
-    """Remote on an httpx2 client (the SDK's own choice when it makes one) instead of
-    httpx: httpcore's pool rescans every connection for every queued request on each
-    request and response (O(requests x connections), plus a poll() syscall per idle
-    connection), httpcore2's does one pass."""
-    import httpx2
-    from google import genai
-    from google.genai import types
-
-    from gembatch.gemini import remote as remote_module
-
-    remote = engine.remote
-    old = remote._http
-    remote._http = httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=old.timeout.read or 120.0,
-        event_hooks={"response": [remote_module._capture_operation]},
-    )
-    api = remote._client._api_client
-    options = types.HttpOptions(
-        base_url=api._http_options.base_url,
-        httpx_async_client=remote._http,
-        timeout=api._http_options.timeout,
-    )
-    remote._client = genai.Client(api_key=api.api_key, http_options=options)
-
-
-def _patch_skip_unchanged(engine: Engine, concurrency: int) -> None:
-    """poll() builds no change for a task whose batches.get answer equals the batch it
-    recorded last time (same state, counts and times; no error or backoff to clear): a
-    cycle in which nothing moved does no ledger write at all."""
-    from gembatch.ledger.jsonl import ApplyResult
-
-    recorded: dict[str, tuple[str, Any]] = {}  # batch name -> (job id, task) as loaded
-    moved: set[str] = set()
-    same: set[str] = set()
-    jobs, get_batch, apply = engine.jobs, engine.remote.get_batch, engine._apply
-
-    def jobs_noting_batches() -> list[Job]:
-        loaded = jobs()
-        recorded.clear()
-        for job in loaded:
-            for task in job.tasks:
-                if task.batch_name:
-                    recorded[task.batch_name] = (job.id, task)
-        return loaded
-
-    async def get_comparing(name: str) -> RemoteBatch:
-        result = await get_batch(name)
-        job_id, task = recorded[name]
-        unchanged = (
-            result.to_batch_dict() == task.batch
-            and task.error is None
-            and not task.step_failures
-            and task.not_before is None
-        )
-        (same if unchanged else moved).add(job_id)
-        return result
-
-    async def apply_moved(changes: Any) -> Any:
-        kept = {job_id: change for job_id, change in changes.items() if job_id not in same - moved}
-        same.clear()
-        moved.clear()
-        return await apply(kept) if kept else ApplyResult()
-
-    engine.jobs = jobs_noting_batches  # type: ignore[method-assign]
-    engine.remote.get_batch = get_comparing  # type: ignore[method-assign]
-    engine._apply = apply_moved  # type: ignore[method-assign]
-
-
-PATCHES: dict[str, Callable[[Engine, int], None]] = {
-    "httpx2": _patch_httpx2,
-    "skip-unchanged": _patch_skip_unchanged,
-    "one-load": _patch_one_load,  # after skip-unchanged: it wraps the jobs() that one notes
-}
 
 
 def report_poll(args: argparse.Namespace, result: dict[str, Any], setup_s: float) -> bool:
@@ -448,19 +338,15 @@ def _run(uvloop: bool, coroutine: Any) -> Any:
 
 
 def main() -> int:
+    from gembatch.runtime import tune_gc
+
+    tune_gc()  # as every gembatch command does
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--repeat", type=int, default=3, help="poll phases measured (median)")
     parser.add_argument("--no-target", action="store_true", help="always exit 0 (smoke tests)")
-    parser.add_argument(
-        "--patch",
-        action="append",
-        default=[],
-        choices=sorted(PATCHES),
-        help="measure an engine change by monkeypatching it in (see PATCHES)",
-    )
     parser.add_argument(
         "--uvloop", action="store_true", help="run this (client) process's event loop on uvloop"
     )
@@ -487,15 +373,13 @@ def main() -> int:
                     ledger,
                     args.concurrency,
                     max(1, args.repeat),
-                    args.patch,
                     emulator.proc.pid,  # type: ignore[union-attr]
                 ),
             )
         finally:
             emulator.close()
-    if args.patch or args.uvloop:
-        what = [*args.patch, *(["uvloop (client loop)"] if args.uvloop else [])]
-        print(f"(what-if: {', '.join(what)})")
+    if args.uvloop:
+        print("(what-if: uvloop (client loop))")
     print(f"machine: {_common.machine_note()}, load average {os.getloadavg()[0]:.1f}")
     ok = report_poll(args, result, setup_s)
     if args.no_target:

@@ -61,6 +61,9 @@ class InputInvalid(UserError):
         self.omitted = omitted  # problems found but not kept (beyond each file's limit)
         super().__init__(_describe_problems(self.problems, omitted))
 
+    def __reduce__(self) -> tuple[Any, ...]:  # from a validating worker process
+        return (type(self), (self.problems, self.omitted))
+
     @property
     def total(self) -> int:
         return len(self.problems) + self.omitted
@@ -805,18 +808,21 @@ def validate_file(
 def validate_files(
     paths: Sequence[StrPath], limits: SplitLimits = SplitLimits()
 ) -> list[ValidatedInput]:
-    """Validate every file (not just up to the first bad one); one InputInvalid for all."""
+    """Validate every file (not just up to the first bad one); one InputInvalid for all.
+
+    Many large files are checked by several processes at once (one per core): checking
+    is CPU-bound, and it happens before the first upload, so it is time the user waits
+    (1 GB in 100 files: 5.3 s in one process on 2 cores, 3 s in two)."""
     results: list[ValidatedInput] = []
     problems: list[InputProblem] = []
     omitted = 0
     seen: dict[Path, str] = {}
-    for path in paths:
-        try:
-            item = validate_file(path, limits)
-        except InputInvalid as exc:
-            problems += exc.problems
-            omitted += exc.omitted
+    for outcome in _validate_all(paths, limits):
+        if isinstance(outcome, InputInvalid):
+            problems += outcome.problems
+            omitted += outcome.omitted
             continue
+        item = outcome
         if item.path in seen:
             problems.append(
                 InputProblem(
@@ -829,6 +835,55 @@ def validate_files(
     if problems or omitted:
         raise InputInvalid(problems, omitted)
     return results
+
+
+PARALLEL_MIN_BYTES = 64 * 1024 * 1024  # below this, starting processes costs more
+
+
+def _validate_all(
+    paths: Sequence[StrPath], limits: SplitLimits
+) -> Iterator[ValidatedInput | InputInvalid]:
+    """validate_file of each path, in order: in this process, or spread over worker
+    processes when there are several large files and several cores."""
+    workers = min(len(paths), _cores(), 8)
+    if workers < 2 or _total_size(paths) < PARALLEL_MIN_BYTES:
+        for path in paths:
+            yield _validate_one(path, limits)
+        return
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork is cheapest, and safe while this process has no other thread (a fork keeps
+    # only the forking thread; a lock another thread held would stay held for ever).
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from pool.map(_validate_one, paths, [limits] * len(paths))
+
+
+def _validate_one(path: StrPath, limits: SplitLimits) -> ValidatedInput | InputInvalid:
+    try:
+        return validate_file(path, limits)
+    except InputInvalid as exc:
+        return exc
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _total_size(paths: Sequence[StrPath]) -> int:
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            pass  # validate_file reports it
+    return total
 
 
 # -- reading validated files back ------------------------------------------------------

@@ -51,6 +51,9 @@ def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ..
 
 
 def main() -> None:
+    from gembatch.runtime import tune_gc
+
+    tune_gc()
     usage, abort, exit_ = _click_classes()
     try:
         code = app(standalone_mode=False)

@@ -7,6 +7,7 @@ with nanoseconds. Keeping those rules in one place keeps every handler faithful.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import string
@@ -54,11 +55,13 @@ HTTP_TO_STATUS: dict[int, str] = {
 GRPC_NUMBER_TO_NAME = {number: name for name, (number, _) in GRPC_CODES.items()}
 
 
+@functools.lru_cache(maxsize=4096)
 def camel(name: str) -> str:
     """`display_name` -> `displayName`; camelCase input is returned unchanged."""
     return _CAMEL_RE.sub(lambda m: m.group(1).upper(), name)
 
 
+@functools.lru_cache(maxsize=4096)
 def snake(name: str) -> str:
     """`displayName` -> `display_name`; snake_case input is returned unchanged."""
     return _SNAKE_RE.sub(lambda m: "_" + m.group(1).lower(), name)
@@ -68,14 +71,20 @@ def get_field(obj: Any, name: str, default: Any = None) -> Any:
     """Read a proto field in either spelling (`inputConfig` or `input_config`)."""
     if not isinstance(obj, dict):
         return default
-    for candidate in (camel(name), snake(name)):
+    for candidate in _SPELLINGS(name):
         if candidate in obj:
             return obj[candidate]
     return default
 
 
+@functools.lru_cache(maxsize=4096)
+def _SPELLINGS(name: str) -> tuple[str, ...]:
+    """camelCase first, then snake_case (as before the cache), each once."""
+    return tuple(dict.fromkeys((camel(name), snake(name))))
+
+
 def has_field(obj: Any, name: str) -> bool:
-    return isinstance(obj, dict) and (camel(name) in obj or snake(name) in obj)
+    return isinstance(obj, dict) and any(candidate in obj for candidate in _SPELLINGS(name))
 
 
 def new_id(length: int) -> str:

@@ -36,7 +36,7 @@ from gembatch.gemini.errors import classify, is_missing_file
 from gembatch.jobs import RemoteState, RequestCounts
 
 PAGE_SIZE = 100  # the API's maximum page size for files and batches
-CONNECTIONS_PER_POOL = 8
+CONNECTIONS_PER_POOL = 4
 WRITE_BEHIND = 16 * 1024 * 1024  # a download is flushed to disk this often, in the background
 
 T = TypeVar("T")
