@@ -37,8 +37,15 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def global_options(
     ctx: typer.Context,
+    # readable=False: typer's own check ("is not readable") would refuse an unreadable
+    # job-info.jsonl in the current directory for every command, even one that never
+    # opens it; a command that reads the ledger reports that itself (what to do included).
     job_info: Path = typer.Option(
-        Path("job-info.jsonl"), "--job-info", help="The job ledger (JSONL).", show_default=True
+        Path("job-info.jsonl"),
+        "--job-info",
+        help="The job ledger (JSONL).",
+        show_default=True,
+        readable=False,
     ),
     local: bool = typer.Option(
         False,

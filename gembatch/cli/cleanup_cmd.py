@@ -87,29 +87,6 @@ def _kept_for_download(jobs: list[Any]) -> list[tuple[Any, Any]]:
     ]
 
 
-async def _list_batches_with_inputs(remote: Any) -> list[tuple[Any, str | None]]:
-    """Every batch of the project (all pages) with the input file it reads. The SDK's
-    typed BatchJob drops `inputConfig.fileName`; the Remote's capture of the raw
-    Operations keeps it."""
-    from gembatch.gemini.remote import PAGE_SIZE, _remote_batch
-
-    async def collect() -> list[Any]:
-        pager = await remote._client.aio.batches.list(config={"page_size": PAGE_SIZE})
-        return [job async for job in pager]
-
-    jobs, raw = await remote._call_capturing("batches.list", collect)
-    listed = []
-    for job in jobs:
-        operation = raw.get(job.name or "") or {}
-        metadata = operation.get("metadata") if isinstance(operation, dict) else None
-        config = (metadata or {}).get("inputConfig") or (metadata or {}).get("input_config")
-        name = None
-        if isinstance(config, dict):
-            name = config.get("fileName") or config.get("file_name")
-        listed.append((_remote_batch(job, operation), name if isinstance(name, str) else None))
-    return listed
-
-
 async def _cleanup_all(remote: Any, jobs: list[Any], yes: bool) -> int:
     """The original tool's `cleanup`, made safe: every page is read, and nothing that is
     still pending or running, no file such a batch reads (whichever tool created it), and
@@ -125,12 +102,12 @@ async def _cleanup_all(remote: Any, jobs: list[Any], yes: bool) -> int:
     }
     for _, task in _kept_for_download(jobs):  # the only copy of paid-for results
         protected.update(n for n in (task.batch_name, task.output_file) if n)
-    listed = await _list_batches_with_inputs(remote)
-    live_inputs = {source for batch, source in listed if source and not batch.state.terminal}
-    protected |= live_inputs
+    # Every page, each batch with the input file it reads (from the raw Operation).
+    listed = await remote.list_batches()
+    protected |= {b.input_file for b in listed if b.input_file and not b.state.terminal}
     files = await remote.list_files()
-    doomed_batches = [b for b, _ in listed if b.state.terminal and b.name not in protected]
-    kept = [b for b, _ in listed if not b.state.terminal or b.name in protected]
+    doomed_batches = [b for b in listed if b.state.terminal and b.name not in protected]
+    kept = [b for b in listed if not b.state.terminal or b.name in protected]
     doomed_files = [f for f in files if f["name"] not in protected]
     kept_files = len(files) - len(doomed_files)
     print(

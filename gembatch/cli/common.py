@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +22,8 @@ import typer
 from gembatch.cli.app import Settings, settings
 from gembatch.errors import UserError
 from gembatch.jobs import Job
+from gembatch.ledger import LedgerProblem, LedgerSnapshot
+from gembatch.ledger.jsonl import DEFAULT_TIMEOUT, JsonlLedger
 
 T = TypeVar("T")
 LOCAL_STATE_DIR = ".gembatch-emulator"
@@ -42,9 +46,61 @@ def check_ledger_path(path: Path) -> None:
         raise UserError(f"--job-info {path} is a directory; give the path of a JSONL file")
 
 
-def ledger_for(ctx: typer.Context) -> Any:
-    from gembatch.ledger.jsonl import DEFAULT_TIMEOUT, JsonlLedger
+# Problems beyond this many are summarised: a binary file would otherwise flood stderr.
+MAX_PROBLEMS_SHOWN = 100
 
+
+class ProblemReport:
+    """Writes the ledger lines gembatch cannot use to stderr, as `PATH:LINE: message`, each
+    once per process (a poll loads the ledger every cycle), at most MAX_PROBLEMS_SHOWN."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[LedgerProblem] = []
+        self._keys: set[tuple[int, str, bytes]] = set()
+        self._hidden = 0
+        self._mutex = threading.Lock()  # the engine loads from worker threads
+
+    def report(self, problems: list[LedgerProblem]) -> None:
+        with self._mutex:
+            hidden = 0
+            for problem in problems:
+                key = (problem.line, problem.message, problem.raw)
+                if key in self._keys:
+                    continue
+                self._keys.add(key)
+                self.seen.append(problem)
+                if len(self.seen) > MAX_PROBLEMS_SHOWN:
+                    hidden += 1
+                    continue
+                where = f"{self.path}:{problem.line}" if problem.line else f"{self.path}"
+                # sys.stderr looked up now: a live table redirects it while it is shown.
+                print(f"{where}: {problem.message}", file=sys.stderr)
+            if hidden:
+                self._hidden += hidden
+                print(f"{self.path}: ... and {self._hidden} more problems", file=sys.stderr)
+
+
+class ReportingLedger(JsonlLedger):
+    """The JSONL ledger of a command: every load reports the lines it cannot use on
+    stderr (see ProblemReport) and hands the rest on without them, so that no view
+    prints them a second time (or on stdout). `problem_report.seen`: all found so far."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.problem_report = ProblemReport(Path(path))
+
+    def load(self) -> LedgerSnapshot:
+        snapshot = super().load()
+        if not snapshot.problems:
+            return snapshot
+        self.problem_report.report(snapshot.problems)
+        return dataclasses.replace(snapshot, problems=[])
+
+
+def ledger_for(ctx: typer.Context) -> Any:
+    """The command's ledger (--job-info); lines it cannot use are reported on stderr as
+    `PATH:LINE: ...` whenever it is loaded, and the other jobs go on."""
     check_ledger_path(settings(ctx).job_info)
 
     # $GEMBATCH_LOCK_TIMEOUT: seconds to wait for another process's ledger lock.
@@ -55,7 +111,7 @@ def ledger_for(ctx: typer.Context) -> Any:
         raise UserError(
             f"GEMBATCH_LOCK_TIMEOUT must be a number of seconds, not {text!r}"
         ) from None
-    return JsonlLedger(settings(ctx).job_info, timeout=timeout)
+    return ReportingLedger(settings(ctx).job_info, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -67,12 +123,11 @@ def local_emulator(options: Settings) -> Iterator[str | None]:
         yield None
         return
     check_ledger_path(options.job_info)
-    from gembatch.emulator.config import EmulatorConfig, load_config
     from gembatch.emulator.server import EmulatorThread
 
-    config_path = os.environ.get("GEMBATCH_LOCAL_CONFIG")
-    config = load_config(config_path) if config_path else EmulatorConfig()
+    config = local_config()
     state = options.job_info.resolve().parent / LOCAL_STATE_DIR
+    _check_state_dir(state)
     saved = {k: os.environ.get(k) for k in ("GOOGLE_GEMINI_BASE_URL", "GEMINI_API_KEY")}
     with EmulatorThread(state, config) as emulator:
         os.environ["GOOGLE_GEMINI_BASE_URL"] = emulator.base_url
@@ -85,6 +140,31 @@ def local_emulator(options: Settings) -> Iterator[str | None]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def _check_state_dir(state: Path) -> None:
+    """The emulator's state directory must be writable: say so, not a traceback."""
+    try:
+        state.mkdir(exist_ok=True)
+        writable = os.access(state, os.W_OK | os.X_OK)
+    except OSError as exc:
+        writable, reason = False, exc.strerror or str(exc)
+    else:
+        reason = "Permission denied"
+    if not writable:
+        raise UserError(
+            f"--local: cannot write {state} ({reason}): the built-in emulator keeps its "
+            "state beside the ledger; check the directory's permissions or give --job-info "
+            "a ledger in a directory you can write"
+        )
+
+
+def local_config() -> Any:
+    """The built-in emulator's configuration for `--local` ($GEMBATCH_LOCAL_CONFIG)."""
+    from gembatch.emulator.config import EmulatorConfig, load_config
+
+    config_path = os.environ.get("GEMBATCH_LOCAL_CONFIG")
+    return load_config(config_path) if config_path else EmulatorConfig()
 
 
 def make_remote(concurrency: int = 32) -> Any:

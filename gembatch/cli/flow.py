@@ -62,7 +62,7 @@ def validate(files: list[str], options: SubmitOptions) -> list[ValidatedInput]:
     return validate_files(files, limits)
 
 
-def print_dry_run(inputs: list[ValidatedInput], out: TextIO) -> None:
+def print_dry_run(inputs: list[ValidatedInput], out: TextIO, model_line: str | None = None) -> None:
     total_requests = sum(i.count for i in inputs)
     total_bytes = sum(i.size_bytes for i in inputs)
     for i, item in enumerate(inputs, 1):
@@ -78,12 +78,53 @@ def print_dry_run(inputs: list[ValidatedInput], out: TextIO) -> None:
         "would be submitted; nothing was uploaded",
         file=out,
     )
+    if model_line:
+        print(model_line, file=out)
+
+
+MODEL_FIX = (
+    "choose a model the API serves with -m/--model or $GEMBATCH_MODEL "
+    "(e.g. -m gemini-2.5-flash-lite; https://ai.google.dev/gemini-api/docs/models)"
+)
+
+
+def unknown_model_error(check: Any) -> UserError:
+    """The refusal for a model the API does not serve (a failed `ModelCheck`)."""
+    if check.code and check.code.startswith("404"):
+        what = f"unknown model {check.model!r}: the Gemini API answered {check.code}"
+    else:  # the SDK refused the name before sending anything
+        what = f"invalid model name {check.model!r}"
+    return UserError(f"{what} ({check.message}); {MODEL_FIX}; nothing was uploaded")
+
+
+async def check_models(remote: Any, models: list[str], err: TextIO) -> list[Any]:
+    """One models.get per distinct model, before any upload or ledger write: an unknown
+    model stops everything (UserError, exit 2). When the check cannot tell (network,
+    5xx, 429 after one retry; a bad key), submission goes on and the create decides
+    (see gembatch.gemini.model_check.check_model for why)."""
+    from gembatch.gemini.model_check import check_models as check_all
+
+    checks = await check_all(remote, models)
+    for check in checks:
+        if check.known is False:
+            raise unknown_model_error(check)
+        if check.warning:
+            print(f"warning: {check.warning}", file=err)
+        if check.known is None and check.transient:
+            print(
+                f"note: could not check model {check.model!r} ({check.code}: "
+                f"{check.message}); submitting anyway",
+                file=err,
+            )
+    return checks
 
 
 async def submit(
     engine: Engine, inputs: list[ValidatedInput], options: SubmitOptions, out: TextIO
 ) -> Submitted:
-    """Record the jobs, then start as many as the live-batch limit allows."""
+    """Check the model, record the jobs, then start as many as the live-batch limit
+    allows."""
+    await check_models(engine.remote, [options.model], sys.stderr)
     added = await asyncio.to_thread(
         engine.add_jobs,
         inputs,
@@ -171,6 +212,8 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
             file=sys.stderr,
         )
         return 0
+    told: set[str] = set()  # unreadable records reported on stderr so far
+    _report_records(engine, told)
     info = CycleInfo(last_update=time.time(), next_poll_at=None, checking=True)
     if interactive:
         from rich.console import Console
@@ -190,7 +233,7 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
                 (labels.get(job_id, job_id or "ledger"), _without(labels.get(job_id), msg))
                 for job_id, msg in report.errors
             ]
-            errors += [("ledger", p) for p in engine.problems]
+            _report_records(engine, told)
             done = report.unfinished == 0 or options.once
             wake = None if done else now + options.interval
             if wake is not None and report.next_due is not None:
@@ -233,6 +276,17 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
     if options.once and unfinished:
         return 0
     return 1 if any(j.status is JobStatus.FAILED for j in jobs) else 0
+
+
+def _report_records(engine: Engine, told: set[str]) -> None:
+    """Ledger records the engine could not read, on stderr once each (stdout is the
+    table or the progress lines): `LEDGER: job ID: unreadable record (...)`."""
+    where = getattr(engine.ledger, "path", "ledger")
+    for problem in engine.problems:
+        if problem not in told:
+            told.add(problem)
+            # sys.stderr looked up now: a live table redirects it while it is shown.
+            print(f"{where}: {problem}", file=sys.stderr)
 
 
 def _without(label: str | None, message: str) -> str:

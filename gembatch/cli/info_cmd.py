@@ -14,19 +14,20 @@ from pathlib import Path
 import typer
 
 from gembatch.cli.app import app, settings
+from gembatch.cli.common import ProblemReport
 from gembatch.errors import UserError
 from gembatch.ledger import LedgerProblem
 from gembatch.ledger.jsonl import AtomicJobManager, JsonlLedger, dumps_record, is_legacy_record
-
-# Problems beyond this many are summarised: a binary file would otherwise flood stderr.
-MAX_PROBLEMS_SHOWN = 100
 
 
 @app.command()
 def info(
     ctx: typer.Context,
     ledger: Path | None = typer.Argument(
-        None, help="The ledger to read (default: the --job-info path).", show_default=False
+        None,
+        help="The ledger to read (default: the --job-info path).",
+        show_default=False,
+        readable=False,  # `_check_readable` says what is wrong and what to do
     ),
     lock_timeout: float = typer.Option(
         30.0, "--lock-timeout", help="Seconds to wait while another command holds the ledger."
@@ -106,8 +107,4 @@ def _print_jobs(jobs: list[dict], derived_ids: frozenset[str]) -> None:
 
 
 def _print_problems(path: Path, problems: list[LedgerProblem]) -> None:
-    for problem in problems[:MAX_PROBLEMS_SHOWN]:
-        print(f"{path}:{problem.line}: {problem.message}", file=sys.stderr)
-    hidden = len(problems) - MAX_PROBLEMS_SHOWN
-    if hidden > 0:
-        print(f"{path}: ... and {hidden} more problems", file=sys.stderr)
+    ProblemReport(path).report(problems)  # as every command reports them

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -22,7 +25,6 @@ def results(
     """One record per input key, in input order: succeeded (with the answer text),
     failed (with the error) or missing. Exit 1 when any key failed or is missing."""
     from gembatch.jobs import Job
-    from gembatch.results import join_results
 
     if fmt not in ("jsonl", "csv"):
         raise UserError(f"--format must be jsonl or csv, not {fmt!r}")
@@ -47,12 +49,7 @@ def results(
         raise UserError(f"{input_path}: the input file is gone; results are joined to it by key")
     if result_path is not None and not result_path.is_file():
         result_path = None
-    out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
-    try:
-        summary = join_results(input_path, result_path, out, fmt)
-    finally:
-        if output:
-            out.close()
+    summary = _join(input_path, result_path, output, fmt)
     total = summary.succeeded + len(summary.failed) + len(summary.missing)
     line = f"{input_path}: {summary.succeeded} of {total} succeeded"
     if summary.failed:
@@ -63,6 +60,40 @@ def results(
         line += "; no results file yet (is the job finished? `gembatch status`)"
     print(line, file=sys.stderr)
     raise typer.Exit(1 if summary.failed or summary.missing else 0)
+
+
+def _join(input_path: Path, result_path: Path | None, output: Path | None, fmt: str) -> Any:
+    """join_results to stdout or, all or nothing, to `output` (a temporary file renamed
+    into place). An input that is not a request file is a UserError naming its line."""
+    from gembatch.inputs import InputInvalid, validate_file
+    from gembatch.results import join_results
+
+    partial = output.with_name(f".{output.name}.partial") if output else None
+    try:
+        if partial is None:
+            return join_results(input_path, result_path, sys.stdout, fmt)
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            summary = join_results(input_path, result_path, out, fmt)
+        os.replace(partial, output)  # type: ignore[arg-type]
+        return summary
+    except ValueError as exc:
+        # A line without a key: the file is not a valid request file (any more).
+        try:
+            validate_file(input_path)
+        except InputInvalid as bad:  # file, line and what is wrong
+            where = "\n".join(str(bad).splitlines()[1:])
+            raise UserError(
+                f"{input_path} is not a request file, so no results can be joined to it "
+                f"by key:\n{where}"
+            ) from None
+        raise UserError(f"{exc}; results are joined to its request lines by key") from None
+    except OSError as exc:
+        where = output if output is not None else "stdout"
+        raise UserError(f"cannot write {where}: {exc.strerror or exc}") from None
+    finally:
+        if partial is not None:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
 
 
 def _keys(keys: list[str], shown: int = 5) -> str:

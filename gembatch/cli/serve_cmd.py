@@ -40,6 +40,12 @@ def serve(
     notify_url: str | None = typer.Option(
         None, "--notify-url", help="POST every finished job here (JSON)."
     ),
+    notify_attempts: int = typer.Option(
+        8, "--notify-attempts", help="Deliveries of one webhook before giving up."
+    ),
+    notify_max_delay: float = typer.Option(
+        300.0, "--notify-max-delay", help="Longest wait between webhook retries (s)."
+    ),
     model: str | None = typer.Option(None, "-m", "--model", help="Default model for jobs."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
 ) -> None:
@@ -68,6 +74,8 @@ def serve(
         ping_interval=ping_interval,
         event_requery_interval=event_requery_interval,
         notify_url=notify_url,
+        notify_attempts=notify_attempts,
+        notify_max_delay=notify_max_delay,
         model=common.model_name(model),
     )
     options.check()

@@ -24,15 +24,15 @@ def status(
     from gembatch.jobs import Job
 
     ledger = common.ledger_for(ctx)
-    snapshot = ledger.load()
+    snapshot = ledger.load()  # lines it cannot use are reported on stderr as PATH:LINE: ...
     jobs = []
-    for record in snapshot.records:
+    lines = snapshot.lines or [0] * len(snapshot.records)
+    for record, line in zip(snapshot.records, lines, strict=True):
         try:
             jobs.append(Job.from_record(record))
         except (KeyError, ValueError, TypeError) as exc:
-            print(f"{ledger.path}: job {record.get('id')}: unreadable ({exc})", file=sys.stderr)
-    for problem in snapshot.problems:
-        print(f"{ledger.path}:{problem.line}: {problem.message}", file=sys.stderr)
+            where = f"{ledger.path}:{line}" if line else f"{ledger.path}"
+            print(f"{where}: job {record.get('id')}: unreadable ({exc})", file=sys.stderr)
     if as_json:
         json.dump(status_json(jobs), sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
@@ -42,4 +42,4 @@ def status(
         from rich.console import Console
 
         Console().print(status_table(jobs, time.time()))
-    raise typer.Exit(1 if snapshot.problems else 0)
+    raise typer.Exit(1 if ledger.problem_report.seen else 0)

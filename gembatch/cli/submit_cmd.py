@@ -171,7 +171,8 @@ def _submit(ctx: typer.Context, files: list[str], options, max_live_batches: int
 
     opts = settings(ctx)
     if options.dry_run:
-        flow.print_dry_run(flow.validate(files, options), sys.stdout)
+        inputs = flow.validate(files, options)
+        flow.print_dry_run(inputs, sys.stdout, _dry_run_model_line(opts, options.model))
         return 0
     common.check_ledger_path(opts.job_info)
     with common.local_emulator(opts):
@@ -192,6 +193,44 @@ def _submit(ctx: typer.Context, files: list[str], options, max_live_batches: int
 
         failures = common.run(go())
     return 1 if failures else 0
+
+
+def _dry_run_model_line(opts, model: str) -> str:
+    """Check the model as submit would, when that needs no setup: the API when a key is
+    set, the built-in emulator's own rule with --local (no server, no state written).
+    Offline, or without a key, the dry run still works and says the model was not
+    checked. An unknown model raises UserError (exit 2), as submit would."""
+    from gembatch.cli import flow
+    from gembatch.gemini.client import api_key_from_env
+    from gembatch.gemini.model_check import ModelCheck, check_model
+
+    if opts.local:
+        from gembatch.emulator.models import is_known, model_not_found
+
+        if not is_known(common.local_config(), model):
+            error = model_not_found(model, "v1", "getModel")
+            raise flow.unknown_model_error(
+                ModelCheck(model, False, error.message, f"404 {error.status}")
+            )
+        return f"model {model}: served by the built-in emulator"
+    if not api_key_from_env():
+        return f"model {model}: not checked (GEMINI_API_KEY is not set)"
+    remote = common.make_remote(concurrency=1)
+
+    async def go() -> ModelCheck:
+        try:
+            return await check_model(remote, model, attempts=1)  # offline: no waiting
+        finally:
+            await remote.aclose()
+
+    check = common.run(go())
+    if check.known is False:
+        raise flow.unknown_model_error(check)
+    if check.warning:
+        print(f"warning: {check.warning}", file=sys.stderr)
+    if check.known:
+        return f"model {model}: available"
+    return f"model {model}: not checked ({check.code}: {check.message})"
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The emulator's HTTP surface: Files and Batches under v1, v1beta and v1alpha.
+"""The emulator's HTTP surface: Files, Batches and Models under v1, v1beta and v1alpha.
 
 Why: the unmodified google-genai SDK must not notice it is talking to a local server, so
 every route, header and status code follows reference/gemini-wire.md (absolute resumable
@@ -33,6 +33,7 @@ from gembatch import __version__
 from gembatch.emulator.batches import TERMINAL, BatchEngine, Settings
 from gembatch.emulator.config import ConfigError, EmulatorConfig
 from gembatch.emulator.faults import FaultInjector, Truncation
+from gembatch.emulator.models import is_known, model_not_found, model_resource, supports_batch
 from gembatch.emulator.responders import Responder, make_responder
 from gembatch.emulator.store import FileRow, Store, UploadRow
 from gembatch.emulator.wire import (
@@ -68,10 +69,11 @@ _ROUTES: list[tuple[str, str | None, re.Pattern[str], str]] = [
     ("GET", None, re.compile(r"^batches/(?P<id>[^/:]+)$"), "batches.get"),
     ("POST", None, re.compile(r"^batches/(?P<id>[^/:]+):cancel$"), "batches.cancel"),
     ("DELETE", None, re.compile(r"^batches/(?P<id>[^/:]+)$"), "batches.delete"),
+    ("GET", None, re.compile(r"^models$"), "models.list"),
+    ("GET", None, re.compile(r"^(?P<model>(?:models|tunedModels)/[^/:]+)$"), "models.get"),
 ]
 # Starlette's Route for GET also answers HEAD; other methods get its 405.
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"})
-_GEMINI_MODEL = re.compile(r"^gemini-\d[0-9a-z.\-]*$")
 _UNREGISTERED = (
     "Method doesn't allow unregistered callers (callers without established identity). "
     "Please use API Key or other form of API consumer identity to call this API."
@@ -482,20 +484,8 @@ class Emulator:
         return JSONResponse(self.engine.operation(row, time.time()))
 
     def _check_model(self, model: str, version: str) -> None:
-        if model.startswith("tunedModels/"):
-            return
-        short = model.removeprefix("models/")
-        if short in self.config.models or (
-            self.config.accept_any_gemini_model and _GEMINI_MODEL.match(short)
-        ):
-            return
-        raise ApiError(
-            404,
-            f"models/{short} is not found for API version {version}, or is not supported for "
-            "batchGenerateContent. Call ListModels to see the list of available models and "
-            "their supported methods.",
-            "NOT_FOUND",
-        )
+        if not supports_batch(self.config, model):
+            raise model_not_found(model, version, "batchGenerateContent")
 
     async def _batches_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
         row = self.store.get_batch(id)
@@ -552,6 +542,34 @@ class Emulator:
         if was_active:
             self.store.incr("batches_deleted_while_active")
         return JSONResponse({})
+
+    # -- models ------------------------------------------------------------------------
+    async def _models_get(
+        self, request: Request, version: str, prefix: str, model: str
+    ) -> Response:
+        # The rule batches.create uses too (gembatch.emulator.models): a client that checks
+        # its model here before uploading is not told yes and then refused by the create,
+        # except for a model whose supportedGenerationMethods lack batchGenerateContent.
+        if not is_known(self.config, model):
+            raise model_not_found(model, version, "getModel")
+        return JSONResponse(model_resource(self.config, model))
+
+    async def _models_list(self, request: Request, version: str, prefix: str) -> Response:
+        """The configured models (a name accepted by pattern is not listed), paged by
+        offset like the real service's opaque tokens."""
+        size = self._page_size(request)
+        token = request.query_params.get("pageToken") or ""
+        start = int(token) if token.isdigit() else 0
+        if token and not token.isdigit():
+            raise invalid_argument("Invalid page token.", "page_token")
+        names = list(dict.fromkeys([*self.config.models, *self.config.non_batch_models]))
+        body: dict[str, Any] = {}
+        page = names[start : start + size]
+        if page:
+            body["models"] = [model_resource(self.config, name) for name in page]
+        if start + size < len(names):
+            body["nextPageToken"] = str(start + size)
+        return JSONResponse(body)
 
     # -- introspection -----------------------------------------------------------------
     async def _introspection(self, request: Request, path: str) -> Response:

@@ -30,6 +30,8 @@ ENDPOINTS = (
     "batches.list",
     "batches.cancel",
     "batches.delete",
+    "models.get",
+    "models.list",
 )
 
 DEFAULT_MODELS = [
@@ -42,6 +44,9 @@ DEFAULT_MODELS = [
     "gemini-3-pro-preview",
     "gemini-3.5-flash-lite",
 ]
+
+# Served, but not by batchGenerateContent (embeddings have their own batch method).
+DEFAULT_NON_BATCH_MODELS = ["gemini-embedding-001"]
 
 
 class ConfigError(ValueError):
@@ -145,6 +150,9 @@ class EmulatorConfig:
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     # Also accept any model named gemini-<digit>... (new releases) besides `models`.
     accept_any_gemini_model: bool = True
+    # Models that exist (models.get answers 200) but not for Batch Mode: batches.create
+    # answers 404 "not supported for batchGenerateContent", as Google does for them.
+    non_batch_models: list[str] = field(default_factory=lambda: list(DEFAULT_NON_BATCH_MODELS))
     clock: ClockConfig = field(default_factory=ClockConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -64,7 +64,7 @@ _BATCH_PATH = re.compile(r"/v1[a-z0-9]*/(?:batches(?:/[^/:]+)?|models/[^/]+:batc
 @dataclass
 class RemoteBatch:
     """A remote batch as gembatch sees it: the SDK's typed fields plus what only the raw
-    response carries (request counts, the Operation's error)."""
+    response carries (request counts, the input file, the Operation's error)."""
 
     name: str
     display_name: str | None
@@ -72,6 +72,9 @@ class RemoteBatch:
     state: RemoteState
     counts: RequestCounts = field(default_factory=RequestCounts)
     output_file: str | None = None
+    # metadata.inputConfig.fileName ("files/<id>"): the uploaded file the batch reads;
+    # None for inline batches. The SDK's typed BatchJob drops it.
+    input_file: str | None = None
     create_time: str | None = None
     update_time: str | None = None
     end_time: str | None = None
@@ -238,6 +241,18 @@ class Remote:
             syncing.result()  # an I/O error seen here would not be reported again by fsync
         return written
 
+    # -- models ------------------------------------------------------------------------
+    async def get_model(self, name: str, timeout: float | None = None) -> types.Model:
+        """models.get: the model's resource, or the SDK's ClientError (404 for a model the
+        API does not serve). `timeout` (seconds) overrides the Remote's for this call.
+        Errors pass through unretried, like every call here."""
+        config: dict[str, Any] = {}
+        if timeout is not None:
+            config["http_options"] = {"timeout": max(1, round(timeout * 1000))}
+        return await self._call(
+            "models.get", lambda: self._client.aio.models.get(model=name, config=config or None)
+        )
+
     # -- batches -----------------------------------------------------------------------
     async def create_batch(self, model: str, file_name: str, display_name: str) -> RemoteBatch:
         """batches.create from an uploaded file. Not idempotent: on an error that is not
@@ -365,6 +380,10 @@ def _remote_batch(job: types.BatchJob, raw: dict[str, Any] | None) -> RemoteBatc
     raw = raw or {}
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     error = raw.get("error")
+    config = metadata.get("inputConfig") or metadata.get("input_config")
+    input_file = None
+    if isinstance(config, dict):
+        input_file = config.get("fileName") or config.get("file_name")
     return RemoteBatch(
         name=job.name or str(raw.get("name") or ""),
         display_name=job.display_name,
@@ -372,6 +391,7 @@ def _remote_batch(job: types.BatchJob, raw: dict[str, Any] | None) -> RemoteBatc
         state=RemoteState.parse(job.state),
         counts=_counts(metadata.get("batchStats")),
         output_file=job.dest.file_name if job.dest and job.dest.file_name else None,
+        input_file=input_file if isinstance(input_file, str) and input_file else None,
         create_time=_iso(job.create_time),
         update_time=_iso(job.update_time),
         end_time=_iso(job.end_time),

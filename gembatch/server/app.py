@@ -70,9 +70,9 @@ CREATE_BODY_DOC = {
                         "file": {"type": "string", "format": "binary"},
                         "options": {
                             "type": "string",
-                            "description": "JSON object of job options (model, priority, "
-                            "display_name, max_parallel_tasks, retry_config, resource_limits, "
-                            "metadata, notify_url)",
+                            "description": "JSON object of job options ("
+                            + ", ".join(JobOptions.model_fields)
+                            + ")",
                         },
                     },
                 }
@@ -123,7 +123,13 @@ def create_app(
         from gembatch.server.notify import Notifier
 
         stop = asyncio.Event()
-        notifier = Notifier(ledger, service_url=settings.notify_url)
+        notifier = Notifier(
+            ledger,
+            service_url=settings.notify_url,
+            max_attempts=settings.notify_attempts,
+            base_delay=min(1.0, settings.notify_max_delay),
+            max_delay=settings.notify_max_delay,
+        )
         tasks = [
             asyncio.create_task(worker.run(stop), name="gembatch-worker"),
             asyncio.create_task(hub.run(stop), name="gembatch-events"),
@@ -321,7 +327,13 @@ def create_app(
         try:
             if operation.action == "createJob":
                 body = CreateJobBody.model_validate(operation.data)
-                job_id, warnings = await service.create_from_body(user, body)
+                try:
+                    job_id, warnings = await service.create_from_body(user, body)
+                except HTTPException as exc:
+                    # The service names fields of a create body (`body.requests.3`); here
+                    # that body is the operation's `data`.
+                    exc.detail = _under_data(exc.detail)
+                    raise
                 return {
                     "job_id": job_id,
                     "status": "pending",
@@ -455,10 +467,35 @@ def _describe_create_body(app: FastAPI) -> None:
             known = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in definitions.get("$defs", {}).items():
                 known.setdefault(name, definition)
+            _link_created_job(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# OpenAPI links from a created job to what a client does next with its `job_id`.
+CREATED_JOB_LINKS = {
+    "GetJobStatus": ("get", "/api/job/{job_id}/status", "The job's status (poll it)."),
+    "GetJobEvents": ("get", "/api/job/{job_id}/events", "The job's event and audit log."),
+    "GetJobResults": ("get", "/api/job/{job_id}/results", "The job's results, once done."),
+    "StreamJob": ("get", "/api/job/{job_id}/stream", "The job's events, live (SSE)."),
+    "DeleteJob": ("delete", "/api/job/{job_id}", "Delete (or with force, cancel) the job."),
+}
+
+
+def _link_created_job(schema: dict[str, Any]) -> None:
+    """`links` on `POST /api/job/batch`'s 200 response, by the operationIds FastAPI made
+    (looked up here, so renaming a handler cannot leave a link dangling)."""
+    paths = schema.get("paths", {})
+    response = paths["/api/job/batch"]["post"]["responses"]["200"]
+    links = response.setdefault("links", {})
+    for name, (method, path, description) in CREATED_JOB_LINKS.items():
+        links[name] = {
+            "operationId": paths[path][method]["operationId"],
+            "parameters": {"job_id": "$response.body#/job_id"},
+            "description": description,
+        }
 
 
 def _last_event_id(request: Request) -> int | None:
@@ -472,6 +509,21 @@ def _last_event_id(request: Request) -> int | None:
     if number < 0:
         raise HTTPException(status_code=400, detail="Last-Event-ID must not be negative")
     return number
+
+
+def _under_data(detail: Any) -> Any:
+    """FastAPI-style problems about a create body, as locations in `/job-operations`'s
+    body: `["body", "requests", 3]` becomes `["body", "data", "requests", 3]`. Other
+    details (a message, `["input", ...]` locations) are left as they are."""
+    if not isinstance(detail, list):
+        return detail
+    moved = []
+    for item in detail:
+        loc = item.get("loc") if isinstance(item, dict) else None
+        if isinstance(loc, list) and loc[:1] == ["body"]:
+            item = {**item, "loc": ["body", "data", *loc[1:]]}
+        moved.append(item)
+    return moved
 
 
 def _errors(exc: ValidationError, prefix: tuple[str, ...] = ("body",)) -> list[dict[str, Any]]:

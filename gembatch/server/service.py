@@ -69,6 +69,10 @@ class JobService:
         # restarted service finds them again (`find_pending_deletes`).
         self._pending_deletes: set[str] = set()
         self._scanned = False
+        # Models the API said it serves, checked once per process (not once per job);
+        # a lock per model so a burst of creates with a new model makes one call.
+        self._known_models: set[str] = set()
+        self._model_locks: dict[str, asyncio.Lock] = {}
 
     # -- reading -----------------------------------------------------------------------------
     async def job(self, job_id: str, user: str) -> Job:
@@ -134,6 +138,12 @@ class JobService:
                 f"at most {MAX_TASKS_PER_JOB} per job: raise max_task_requests or max_task_bytes"
             )
             raise HTTPException(status_code=422, detail=[_split_problem(field, message)])
+        model = options.model or self.settings.model
+        try:
+            await self._check_model(model, from_request=options.model is not None)
+        except HTTPException:
+            target.unlink(missing_ok=True)
+            raise
         validated = dataclasses.replace(validated, display=label)
         warnings = []
         limits = options.resource_limits
@@ -153,7 +163,7 @@ class JobService:
         await asyncio.to_thread(
             self.engine.add_jobs,
             [validated],
-            model=options.model or self.settings.model,
+            model=model,
             priority=options.priority,
             retry_config=retry,
             max_parallel_tasks=options.max_parallel_tasks,
@@ -164,6 +174,41 @@ class JobService:
         )
         self.wake()
         return job_id, warnings
+
+    async def _check_model(self, model: str, from_request: bool) -> None:
+        """422 for a model the API does not serve (404 from models.get), before the job
+        is stored. When the check cannot tell (network, 5xx, 429 after one retry; a bad
+        key), the job is accepted and the create decides: see
+        gembatch.gemini.model_check.check_model."""
+        from gembatch.gemini.model_check import check_model
+
+        if model in self._known_models:
+            return
+        async with self._model_locks.setdefault(model, asyncio.Lock()):
+            if model in self._known_models:
+                return
+            check = await check_model(self.engine.remote, model)
+            if check.known:
+                self._known_models.add(model)
+                return
+        self._model_locks.pop(model, None)  # names from clients: keep only the known ones
+        if check.known is None:
+            return
+        if check.code and check.code.startswith("404"):
+            what = f"unknown model {model!r}: the Gemini API answered {check.code}"
+        else:
+            what = f"invalid model name {model!r}"
+        fix = (
+            "give a model the API serves in `model`"
+            if from_request
+            else f"the service's default model {model!r} is not served: restart it with "
+            "another --model (or $GEMBATCH_MODEL), or give `model` in the request"
+        )
+        message = f"{what} ({check.message}); {fix}"
+        raise HTTPException(
+            status_code=422,
+            detail=[{"loc": ["body", "model"], "msg": message, "type": "unknown_model"}],
+        )
 
     def _inside_data_dir(self, relative: str) -> Path:
         """A path given by a client, allowed only inside the data directory (after

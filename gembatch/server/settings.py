@@ -28,6 +28,8 @@ class ServerSettings:
     poll_concurrency: int = 32
     ping_interval: float = 30.0  # SSE `ping` after this long without an event
     notify_url: str | None = None  # service-wide webhook for finished jobs
+    notify_attempts: int = 8  # deliveries of one notification before giving up
+    notify_max_delay: float = 300.0  # longest wait between two deliveries (s)
     model: str = "gemini-2.5-flash-lite"
     api_key: str | None = None
     base_url: str | None = None
@@ -54,6 +56,10 @@ class ServerSettings:
             )
         if self.max_upload_bytes < 1:
             raise UserError("--max-upload-mb must be at least 1")
+        if self.notify_attempts < 1:
+            raise UserError("--notify-attempts must be at least 1")
+        if self.notify_max_delay < 0:
+            raise UserError("--notify-max-delay must not be negative")
 
 
 def _is_loopback(host: str) -> bool:

@@ -101,7 +101,16 @@ def test_dry_run_uploads_nothing_and_needs_no_key(emulator: Any, tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert "50 requests" in done.stdout and "3 tasks" in done.stdout
     assert "nothing was uploaded" in done.stdout
+    assert "model gemini-2.5-flash-lite: not checked (GEMINI_API_KEY is not set)" in done.stdout
     assert not (tmp_path / "job-info.jsonl").exists()
+    # with a key the model is checked; offline the dry run still works
+    checked = gembatch(emulator, tmp_path, "submit", "--dry-run", "a.jsonl")
+    assert checked.returncode == 0 and "model gemini-2.5-flash-lite: available" in checked.stdout
+    nowhere = {"GEMINI_API_KEY": "k", "GOOGLE_GEMINI_BASE_URL": "http://127.0.0.1:9"}
+    offline = gembatch(None, tmp_path, "submit", "--dry-run", "a.jsonl", env=nowhere)
+    assert offline.returncode == 0, offline.stderr
+    assert "not checked (ConnectError" in offline.stdout
+    assert emulator.stats()["upload_starts"] == 0
 
 
 def test_a_large_input_is_split_into_tasks_and_merged_into_one_results_file(
@@ -148,8 +157,25 @@ def test_status_results_and_cleanup_commands(emulator_factory: Any, tmp_path: Pa
     assert "5 of 6 succeeded, 1 failed (bad)" in joined.stderr
     csv = gembatch(emulator, tmp_path, "results", "mixed.jsonl", "--format", "csv")
     assert csv.stdout.splitlines()[0].startswith("key,status,text")
+    saved = gembatch(emulator, tmp_path, "results", "mixed.jsonl", "-o", "joined.jsonl")
+    assert saved.returncode == 1 and saved.stdout == ""
+    assert (tmp_path / "joined.jsonl").read_text() == joined.stdout
 
     table = gembatch(emulator, tmp_path, "status")
     assert "mixed.jsonl" in table.stdout and "Success" in table.stdout
     nothing = gembatch(emulator, tmp_path, "cleanup", "-y")
     assert nothing.returncode == 0 and "nothing to clean up" in nothing.stdout
+
+
+def test_results_of_a_file_that_is_not_a_request_file_names_its_lines(tmp_path: Path) -> None:
+    (tmp_path / "notes.jsonl").write_text('hello\n{"key": 1}\n')
+    (tmp_path / "keep.jsonl").write_text("earlier output\n")
+    joined = gembatch(None, tmp_path, "results", "notes.jsonl", "-o", "keep.jsonl")
+    assert joined.returncode == 2, joined.stderr
+    assert "Traceback" not in joined.stderr
+    assert "notes.jsonl is not a request file" in joined.stderr
+    assert "notes.jsonl:1: invalid JSON" in joined.stderr
+    assert 'notes.jsonl:2: "key" must be a string' in joined.stderr
+    # The output file is written all or nothing: what it held before is still there.
+    assert (tmp_path / "keep.jsonl").read_text() == "earlier output\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if "keep" in p.name) == ["keep.jsonl"]

@@ -80,15 +80,59 @@ def test_a_bad_api_key_is_reported_not_retried(emulator_factory: Any, tmp_path: 
     assert record["status"] == "failed" and record["error"]["class"] == "AUTH"
 
 
-def test_unknown_model_fails_the_job_and_deletes_the_upload(emulator: Any, tmp_path: Path) -> None:
+def test_unknown_model_stops_before_anything_is_uploaded_or_recorded(
+    emulator: Any, tmp_path: Path
+) -> None:
     request_file(tmp_path / "a.jsonl", 2)
-    done = gembatch(emulator, tmp_path, "submit", "-m", "no-such-model", "a.jsonl")
+    request_file(tmp_path / "b.jsonl", 2, prefix="b")
+
+    done = gembatch(emulator, tmp_path, "submit", "-m", "no-such-model", "a.jsonl", "b.jsonl")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "unknown model 'no-such-model'" in done.stderr and "404" in done.stderr
+    assert "-m/--model" in done.stderr and "$GEMBATCH_MODEL" in done.stderr
+    assert "Traceback" not in done.stderr
+    stats = emulator.stats()
+    assert stats["upload_starts"] == 0 and stats["batches_created"] == 0
+    assert stats["calls"]["models.get"] == 1  # one check for the one model of both files
+    assert ledger(tmp_path) == []
+    # the same for `run` with the model from the environment, and for a dry run
+    ran = gembatch(emulator, tmp_path, "run", "a.jsonl", env={"GEMBATCH_MODEL": "no-such-model"})
+    assert ran.returncode == 2 and "no-such-model" in ran.stderr
+    dry = gembatch(emulator, tmp_path, "submit", "--dry-run", "-m", "no-such-model", "a.jsonl")
+    assert dry.returncode == 2 and "unknown model 'no-such-model'" in dry.stderr
+    stats = emulator.stats()
+    assert stats["upload_starts"] == 0 and stats["batches_created"] == 0
+    assert ledger(tmp_path) == []
+
+
+def test_a_model_without_batch_mode_is_refused_by_the_create_and_the_upload_deleted(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # models.get knows it (a warning), the create answers 404: the job fails, nothing stays
+    request_file(tmp_path / "a.jsonl", 2)
+    done = gembatch(emulator, tmp_path, "submit", "-m", "gemini-embedding-001", "a.jsonl")
     assert done.returncode == 1
-    assert "404" in done.stdout and "no-such-model" in done.stdout
+    assert "does not list batchGenerateContent" in done.stderr
+    assert "404" in done.stdout and "gemini-embedding-001" in done.stdout
     stats = emulator.stats()
     assert stats["uploads"] == 1 and stats["files_deleted"] == 1 and stats["files"] == 0
     (record,) = ledger(tmp_path)
     assert record["status"] == "failed" and record["error"]["class"] == "NOT_FOUND"
+
+
+def test_a_model_check_that_cannot_get_through_does_not_block_the_submit(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    emulator = emulator_factory({**FAST, "faults": {"rules": [{"endpoint": "models.get",
+                                                               "status": 503}]}})  # fmt: skip
+    request_file(tmp_path / "a.jsonl", 2)
+    done = gembatch(emulator, tmp_path, "submit", "a.jsonl")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "could not check model 'gemini-2.5-flash-lite'" in done.stderr
+    stats = emulator.stats()
+    assert stats["calls"]["models.get"] == 2  # retried once, then the create decided
+    assert stats["batches_created"] == 1
 
 
 def test_create_refused_with_400_deletes_the_upload_and_fails_until_retried(
@@ -434,7 +478,7 @@ def test_a_corrupt_ledger_line_is_reported_and_the_other_jobs_go_on(
     with open(tmp_path / "job-info.jsonl", "a") as handle:
         handle.write('{"this is": not json\n')
     polled = gembatch(emulator, tmp_path, "poll", "--interval", "0.2")
-    assert "line 2" in polled.stdout + polled.stderr
+    assert "job-info.jsonl:2: not valid JSON" in polled.stderr, polled.stderr
     status = gembatch(emulator, tmp_path, "status")
     assert status.returncode == 1 and "job-info.jsonl:2" in status.stderr
     text = (tmp_path / "job-info.jsonl").read_text().splitlines()

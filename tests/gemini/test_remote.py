@@ -208,15 +208,18 @@ def test_delete_twice_second_returns_false(emulator: EmulatorProcess) -> None:
 
 def test_find_batches_pages_through_more_than_100(many_batches: EmulatorProcess) -> None:
     count = 130
+    inputs: list[str] = []  # the shared input, then what each create's Operation says
 
     async def body(remote: Remote) -> tuple[dict[str, RemoteBatch], dict[str, str], int]:
         name = await upload_bytes(remote, jsonl(3), "shared-input")
+        inputs.append(name)
         created = await asyncio.gather(
             *(remote.create_batch(MODEL, name, f"job-{i:03d}") for i in range(count))
         )
         wanted = {"job-000", "job-064", "job-129", "never-created"}
         found = await remote.find_batches(wanted)
         by_name = {b.display_name: b.name for b in created if b.display_name}
+        inputs.extend(str(b.input_file) for b in created)
         return found, by_name, len(await remote.list_batches())
 
     found, by_name, listed = run(many_batches, body)
@@ -226,6 +229,8 @@ def test_find_batches_pages_through_more_than_100(many_batches: EmulatorProcess)
         assert batch.name == by_name[display_name]
         assert batch.state is RemoteState.PENDING
         assert batch.counts.total == 3  # counts from the raw list pages too
+        assert batch.input_file == inputs[0]  # inputConfig.fileName, from the raw list pages
+    assert set(inputs) == {inputs[0]}
     assert many_batches.stats()["calls"]["batches.list"] >= 4  # two pages, twice
 
 
@@ -332,3 +337,22 @@ def test_remote_works_after_the_sdk_client_would_be_collected(emulator: Emulator
         return (await remote.get_batch(batch.name)).counts.total
 
     assert run(emulator, body) == 2
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def test_get_model_answers_the_model_or_a_classified_404(emulator: EmulatorProcess) -> None:
+    async def body(remote: Remote) -> tuple[Any, BaseException]:
+        known = await remote.get_model("gemini-2.5-flash", timeout=5)
+        with pytest.raises(Exception) as caught:
+            await remote.get_model("no-such-model")
+        return known, caught.value
+
+    known, error = run(emulator, body)
+    assert known.name == "models/gemini-2.5-flash"
+    assert "batchGenerateContent" in known.supported_actions
+    classified = classify(error)
+    assert classified.error_class is ErrorClass.NOT_FOUND and classified.http_status == 404
+    assert "no-such-model" in classified.message
+    assert emulator.stats()["calls"]["models.get"] == 2

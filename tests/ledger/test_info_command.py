@@ -106,12 +106,67 @@ def test_info_on_an_unreadable_ledger_says_so_and_exits_2(unprivileged: Unprivil
     result = run_info(path.name, cwd=unprivileged.directory, env=env, as_user=unprivileged.prefix)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "'job-info.jsonl' is not readable" in result.stderr or (
-        "cannot read job-info.jsonl: Permission denied" in result.stderr
+    # The ledger code's own message (what to do included), not typer's "is not readable".
+    assert result.stderr == (
+        "error: cannot read job-info.jsonl: Permission denied; check its permissions\n"
     )
-    assert "Traceback" not in result.stderr
     path.chmod(0o644)
     assert path.read_bytes() == before
+
+
+def _as_user(unprivileged: Unprivileged, *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in unprivileged.env().items() if k not in ("GEMINI_API_KEY",)}
+    base.pop("GOOGLE_GEMINI_BASE_URL", None)
+    return subprocess.run(
+        unprivileged.command(sys.executable, "-m", "gembatch", *args),
+        capture_output=True,
+        text=True,
+        cwd=unprivileged.directory,
+        env={**base, "COLUMNS": "160"},
+        timeout=120,
+    )
+
+
+def test_an_unreadable_default_ledger_breaks_no_command_that_does_not_read_it(
+    unprivileged: Unprivileged,
+) -> None:
+    directory = unprivileged.directory
+    write_jsonl(directory / "job-info.jsonl", [current(1)])
+    (directory / "job-info.jsonl").chmod(0)
+    write_jsonl(directory / "other.jsonl", [current(2)])
+    (directory / "other.jsonl").chmod(0o644)
+
+    # Another ledger, given either way, and commands that read no ledger at all.
+    for args in (["info", "other.jsonl"], ["--job-info", "other.jsonl", "info"]):
+        shown = _as_user(unprivileged, *args)
+        assert shown.returncode == 0, (args, shown.stderr)
+        assert [r["input_file"] for r in stdout_records(shown)] == ["in/2.jsonl"]
+    listed = _as_user(unprivileged, "--job-info", "other.jsonl", "status", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["input_file"] for j in json.loads(listed.stdout)] == ["in/2.jsonl"]
+    for args in (["--help"], ["emulator", "--help"], ["serve", "--help"], ["--version"]):
+        helped = _as_user(unprivileged, *args)
+        assert helped.returncode == 0, (args, helped.stderr)
+        assert "not readable" not in helped.stdout + helped.stderr
+
+    # The commands that do read it say so in the ledger's words, never typer's.
+    for args in (["info"], ["status"], ["results", "x"]):
+        refused = _as_user(unprivileged, *args)
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        assert refused.stderr.startswith("error: cannot read job-info.jsonl: Permission denied")
+        assert "permissions" in refused.stderr
+        assert "Invalid value" not in refused.stderr and "Traceback" not in refused.stderr
+
+    # --local keeps the emulator's state beside the ledger: a directory the user cannot
+    # write is a refusal that says so, not a traceback.
+    directory.chmod(0o555)
+    try:
+        local = _as_user(unprivileged, "--job-info", "other.jsonl", "--local", "poll", "--once")
+    finally:
+        directory.chmod(0o755)
+    assert local.returncode == 2, local.stderr
+    assert local.stderr.startswith("error: --local: cannot write ")
+    assert ".gembatch-emulator" in local.stderr and "Traceback" not in local.stderr
 
 
 def test_info_on_a_non_utf8_ledger_reports_each_line_and_exits_1(tmp_path: Path) -> None:

@@ -40,7 +40,10 @@ SEED_003_KEYS = {
 DETAILED_STATUS_KEYS = {"current_phase", "progress_percentage", "active_tasks", "error_count"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 SEED_003_DELETE_RUNNING = "Cannot delete a running job. Wait for completion or failure"
-UNKNOWN_MODEL = "no-such-model"  # the emulator answers 404 to batches.create: the job fails
+# Unknown to Batch Mode: the API serves the model (so the service's models.get check lets
+# it through; a model it does not serve at all is refused with 422), batches.create answers
+# 404 "not supported for batchGenerateContent" and the job fails.
+UNKNOWN_MODEL = "gemini-embedding-001"
 STUCK = "stuck"  # batches whose display name holds this stay PENDING remotely (see `lab`)
 
 
@@ -279,6 +282,10 @@ def _says(*words: str) -> Callable[[Any], bool]:
     return lambda detail: all(word in json.dumps(detail).lower() for word in words)
 
 
+def _unknown_model(model: str, loc: tuple[str, ...] = ("body", "model")) -> Callable[[Any], bool]:
+    return lambda detail: _loc(*loc)(detail) and _says(f"unknown model '{model}'", "404")(detail)
+
+
 MP = "multipart/form-data; boundary=" + BOUNDARY
 BAD_INPUTS: list[Any] = [
     ("upload_line_without_key", {"files": {"file": ("a.jsonl", NO_KEY)}}, 422,
@@ -339,6 +346,15 @@ BAD_INPUTS: list[Any] = [
     ("json_not_an_object", {"json": [1, 2, 3]}, 422, _loc("body")),
     ("job_operations_create_without_source", {"path": "/job-operations", "json": {
      "action": "createJob", "data": {"product_id": "p1"}}}, 422, _loc("body", "data")),
+    ("unknown_model_inline", {"json": {"requests": [request_item("a")],
+     "model": "no-such-model"}}, 422, _unknown_model("no-such-model")),
+    ("unknown_model_upload", {"files": {"file": ("a.jsonl", GOOD)},
+     "data": {"options": '{"model": "no-such-model"}'}}, 422, _unknown_model("no-such-model")),
+    ("unknown_model_input_file", {"json": {"input_file": "good.jsonl",
+     "model": "models/nope"}}, 422, _unknown_model("models/nope")),
+    ("unknown_model_job_operations", {"path": "/job-operations", "json": {"action": "createJob",
+     "data": {"requests": [request_item("a")], "model": "no-such-model"}}}, 422,
+     _unknown_model("no-such-model", ("body", "data", "model"))),
 ]  # fmt: skip
 
 
@@ -351,6 +367,7 @@ def small_limit_service(module_service_factory: ServiceLauncher) -> ServiceProce
     outside.write_text(GOOD)
     (svc.data_dir / "link.jsonl").symlink_to(outside)
     (svc.data_dir / "a-directory").mkdir()
+    (svc.data_dir / "good.jsonl").write_text(GOOD)
     return svc
 
 
@@ -377,6 +394,29 @@ def test_bad_input_is_a_4xx_with_a_useful_detail_and_leaves_nothing_behind(
         assert detail_ok(detail), f"{case}: unhelpful detail {detail!r}"
         assert client.get("/api/jobs").json()["jobs"] == [], f"{case} created a job"
     assert set(os.listdir(inputs)) == before, f"{case} left files in {inputs}"
+
+
+def test_a_model_is_checked_once_per_process_and_an_unknown_one_stores_nothing(
+    service_factory: ServiceLauncher,
+) -> None:
+    svc = service_factory(FAST_EMULATOR_CONFIG, args=["--model", "gemini-2.5-flash"])
+    emu = svc.emulator
+    with svc.client() as client:
+        jobs = [create_job(client, inline_body(1, prefix=f"d{n}-")) for n in range(3)]
+        jobs.append(create_job(client, inline_body(1, model="gemini-2.5-pro")))
+        assert emu.stats()["calls"]["models.get"] == 2  # the default once, then the other
+        for _ in range(2):  # an unknown model is asked about each time (it may appear)
+            refused = client.post("/api/job/batch", json=inline_body(1, model="no-such-model"))
+            assert refused.status_code == 422, refused.text
+            (problem,) = refused.json()["detail"]
+            assert problem["loc"] == ["body", "model"]
+            assert "unknown model 'no-such-model'" in problem["msg"] and "404" in problem["msg"]
+        assert emu.stats()["calls"]["models.get"] == 4
+        listed = client.get("/api/jobs").json()
+        assert sorted(j["job_id"] for j in listed["jobs"]) == sorted(jobs)
+        for job_id in jobs:
+            assert wait_status(client, job_id, TERMINAL)["status"] == "completed"
+    assert emu.stats()["batches_created"] == len(jobs)
 
 
 # -- DELETE and cleanup -----------------------------------------------------------------------

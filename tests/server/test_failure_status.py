@@ -46,7 +46,7 @@ def test_a_failed_job_keeps_the_step_and_progress_where_it_failed(
 ) -> None:
     svc = service_factory(CONFIG)
     with svc.client() as client:
-        not_created = create_job(client, inline_body(2, model="no-such-model"))
+        not_created = create_job(client, inline_body(2, model="gemini-embedding-001"))
         failed_remotely = _upload(client, "failme.jsonl", 3)
         completed = create_job(client, inline_body(2, prefix="ok"))
         final = {job: wait_status(client, job, TERMINAL) for job in
@@ -58,7 +58,7 @@ def test_a_failed_job_keeps_the_step_and_progress_where_it_failed(
     assert status["current_step"] == "submitting", status
     assert status["progress"] == 0.15, status  # submitting covers 0.15-0.20 (SPEC §3)
     assert status["error_details"]["step"] == "submitting", status
-    assert "no-such-model" in status["error"], status
+    assert "gemini-embedding-001" in status["error"], status  # served, not batched
 
     status = final[failed_remotely]
     assert status["status"] == "failed", status
