@@ -205,7 +205,10 @@ def create_app(
     async def create_and_stream(request: Request) -> EventSourceResponse:
         """Create a batch job and stream its events (SSE)."""
         job_id, _ = await create(request)
-        return _stream(request, job_id, auth.user_for(request), None)
+        # From the job's first event (its `status` at creation), not a snapshot taken
+        # when the stream starts: the worker may have moved it on already, and the
+        # creator should see every step, as the log has them.
+        return _stream(request, job_id, auth.user_for(request), 0)
 
     # -- read --------------------------------------------------------------------------------
     stored_views = getattr(ledger, "view", None) is not None

@@ -35,8 +35,10 @@ EmulatorFactory = Callable[..., EmulatorProcess]
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start servers that share one data directory (on several machines: shared storage)."""
+def servers(tmp_path: Path, postgresql_url: str) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start servers that share one data directory (on several machines: shared storage).
+    Depends on `postgresql_url` so that the servers stop before their schema is dropped
+    (a DROP SCHEMA under live servers deadlocks with their claims)."""
     started: list[ServiceProcess] = []
     shared = tmp_path / "shared-data"
 

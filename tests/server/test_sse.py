@@ -128,6 +128,9 @@ def test_post_stream_creates_the_job_and_streams_it(service_factory: ServiceLaun
         assert real[0].event == "status" and real[-1].event == "completed"
         job_id = data(real[0])["job_id"]
         assert {data(e)["job_id"] for e in real} == {job_id}
+        # The creator gets the job's whole log, from its first event (not a snapshot
+        # taken when the stream began, which could start after the first steps).
+        assert as_log(real) == log_after(client, job_id, 0)
         status = client.get(f"/api/job/{job_id}/status").json()
         assert status["status"] == "completed" and status["display_name"] == "streamed"
         bad = client.post("/api/job/batch/stream", json={"requests": []})
