@@ -246,7 +246,9 @@ def test_sigkill_during_upload_leaves_no_orphan_and_no_duplicate(
 def test_a_running_batch_is_never_downloaded_or_cleaned_up(
     emulator_factory: Any, tmp_path: Path
 ) -> None:
-    emulator = emulator_factory({"clock": {"pending_seconds": 0.2, "running_seconds": 10.0}})
+    # Running long enough for three polls, each a process of its own (seconds apiece on
+    # a loaded machine); the last poll below waits for the end.
+    emulator = emulator_factory({"clock": {"pending_seconds": 0.2, "running_seconds": 25.0}})
     request_file(tmp_path / "a.jsonl", 10)
     assert gembatch(emulator, tmp_path, "submit", "a.jsonl").returncode == 0
     time.sleep(0.5)
