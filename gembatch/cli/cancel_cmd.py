@@ -26,9 +26,13 @@ def cancel(
         engine = _engine(ctx, remote, "cancel")
         target = common.find_job(engine.jobs(), job)
 
+        from gembatch.engine.engine import CycleReport
+
+        report = CycleReport()
+
         async def go():
             try:
-                return await engine.cancel(target.id)
+                return await engine.cancel(target.id, report)
             finally:
                 await remote.aclose()
 
@@ -39,6 +43,12 @@ def cancel(
                 f"job {target.id} ({target.input_file}) is {target.status.value}: "
                 "only pending or running jobs can be cancelled"
             ) from None
+    for _, message in report.errors:
+        print(
+            f"warning: {message}; the job stays cancelling and `gembatch poll` sends the "
+            "cancel again",
+            file=sys.stderr,
+        )
     if result.status.terminal:
         print(f"{result.id} {result.input_file}: {result.status.value}")
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import secrets
@@ -51,6 +52,8 @@ from gembatch.retry import Decision, backoff, decide
 
 Change = Callable[[Record], Record | None]
 WORK_DIR = ".gembatch"
+
+_log = logging.getLogger(__name__)
 
 
 class EngineLedger(Protocol):
@@ -807,8 +810,12 @@ class Engine:
             try:
                 await self.remote.cancel_batch(task.batch_name)  # type: ignore[arg-type]
             except Exception as exc:
-                report.errors.append((job.id, f"{job.input_file}: cancel: {classify(exc).message}"))
-                continue
+                error = classify(exc)
+                # Not found: nothing is left to cancel (another process finished this
+                # cancel and deleted the batch, or Gemini did). The poll settles the task.
+                if error.error_class is not ErrorClass.NOT_FOUND:
+                    report.errors.append((job.id, f"{job.input_file}: cancel: {error.message}"))
+                    continue
             changes.setdefault(job.id, []).append(
                 self._change(reducers.cancel_sent, task.index, self.clock())
             )
@@ -1000,19 +1007,27 @@ class Engine:
             await self.retry(finished.id)
 
     # -- user actions ------------------------------------------------------------------------
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, report: CycleReport | None = None) -> Job:
         """Cancel a job: pending work stops now; live batches are cancelled remotely and the
-        job ends when Gemini confirms (results already produced are still collected)."""
+        job ends when Gemini confirms (results already produced are still collected).
+
+        A remote cancel that fails (network, 5xx) does not undo the cancel: the job stays
+        cancelling and every cycle sends what was not sent. What went wrong is added to
+        `report` when one is given, else logged."""
         result = await self._apply({job_id: self._change(reducers.cancel, self.clock())})
         if job_id in result.errors:
             raise result.errors[job_id]
         if job_id not in result.records:
             raise KeyError(job_id)
-        report = CycleReport()
-        await self._send_cancels(report)
-        if report.errors:
-            raise RuntimeError("; ".join(message for _, message in report.errors))
-        return Job.from_record(result.records[job_id])
+        job = Job.from_record(result.records[job_id])
+        sent = CycleReport()
+        await self._send_cancels(sent, [job])  # this job's only: others are the cycle's
+        for _, message in sent.errors:
+            if report is not None:
+                report.errors.append((job_id, message))
+            else:
+                _log.warning("job %s: %s (retried by the next cycle)", job_id, message)
+        return job
 
     async def retry(self, job_id: str) -> Job:
         """New work for a finished job: failed or cancelled tasks get new batches, and the

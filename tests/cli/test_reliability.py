@@ -326,6 +326,33 @@ def test_cancel_ends_a_running_job_as_cancelled(emulator_factory: Any, tmp_path:
     assert again.returncode == 2 and "only pending or running jobs" in again.stderr
 
 
+def test_a_cancel_gemini_does_not_take_leaves_the_job_cancelling_and_poll_sends_it_again(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    rules = [{"endpoint": "batches.cancel", "status": 503}]
+    emulator = emulator_factory(
+        {"clock": {"pending_seconds": 0.2, "running_seconds": 60}, "faults": {"rules": rules}}
+    )
+    request_file(tmp_path / "a.jsonl", 3)
+    assert gembatch(emulator, tmp_path, "submit", "a.jsonl").returncode == 0
+    cancelled = gembatch(emulator, tmp_path, "cancel", "a.jsonl")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "Traceback" not in cancelled.stderr
+    assert "warning: a.jsonl: cancel:" in cancelled.stderr, cancelled.stderr
+    assert "`gembatch poll` sends the cancel again" in cancelled.stderr
+    assert "cancelling" in cancelled.stdout
+    assert emulator.stats()["batches_cancelled"] == 0
+    (record,) = ledger(tmp_path)
+    assert record["status"] == "cancelling"
+
+    emulator.set_config({"faults": {"rules": []}})
+    polled = gembatch(emulator, tmp_path, "poll", "--interval", "0.2")
+    assert polled.returncode == 0, polled.stderr
+    assert emulator.stats()["batches_cancelled"] == 1
+    (record,) = ledger(tmp_path)
+    assert record["status"] == "cancelled" and record["final_state"] == "JOB_STATE_CANCELLED"
+
+
 def test_faults_everywhere_still_end_every_job_with_bounded_retries(
     emulator_factory: Any, tmp_path: Path
 ) -> None:

@@ -480,6 +480,46 @@ def test_delete_follows_seed_003_and_force_cancels_the_remote_batch_first(
         assert audit.status_code == 404
 
 
+def test_a_forced_delete_goes_on_when_the_remote_cancel_fails_or_finds_nothing(
+    service_factory: ServiceLauncher,
+) -> None:
+    # Every batches.cancel fails with 503 for a while: the forced delete is answered (the
+    # job is cancelling), and the worker sends the cancel again until it goes through.
+    rules = [{"endpoint": "batches.cancel", "status": 503, "first": 3}]
+    config = {**FAST_EMULATOR_CONFIG, "faults": {"rules": rules}}
+    svc = service_factory(config)
+    emu = svc.emulator
+    emu.set_config({"clock": {"running_seconds": 3600}})
+    with svc.client() as client:
+        failing = create_job(client, inline_body(1, prefix="x"))
+        _running_with_a_live_batch(client, failing)
+        forced = client.delete(f"/api/job/{failing}", params={"force": "true"})
+        assert forced.status_code == 200, forced.text
+        assert forced.json()["status"] == "cancelling"
+        eventually(
+            lambda: client.get(f"/api/job/{failing}/status").status_code == 404,
+            60, 0.2, "the forced delete finished after the cancel went through",
+        )  # fmt: skip
+        assert emu.stats()["batches_cancelled"] == 1
+
+        # The batch is gone remotely before gembatch cancels it (another server finished
+        # the same cancel, or it was deleted by hand): nothing is left to cancel.
+        gone = create_job(client, inline_body(1, prefix="g"))
+        _running_with_a_live_batch(client, gone)
+        sdk = emu.sdk_client()
+        live = ("JOB_STATE_PENDING", "JOB_STATE_RUNNING")
+        listed = sdk.batches.list(config={"page_size": 50})
+        (batch,) = [b for b in listed if b.state.name in live]
+        sdk.batches.cancel(name=batch.name)
+        sdk.batches.delete(name=batch.name)
+        forced = client.delete(f"/api/job/{gone}", params={"force": "true"})
+        assert forced.status_code == 200, forced.text
+        eventually(
+            lambda: client.get(f"/api/job/{gone}/status").status_code == 404,
+            60, 0.2, "the forced delete of a job whose batch is gone finished",
+        )  # fmt: skip
+
+
 def test_cleanup_deletes_finished_jobs_and_never_unfinished_ones(
     service_factory: ServiceLauncher,
 ) -> None:
