@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Most tests wait on real processes (emulator, gembatch); four at a time fit 2 cores.
-PYTEST_ARGS ?= -n 4
+PYTEST_ARGS ?= -n 4 --durations=15
 
 .PHONY: test demo lint format bench clean
 
