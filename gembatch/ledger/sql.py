@@ -1224,13 +1224,14 @@ class SqlLedger:
             notes.update(last_seqs)  # for this process's listeners, after the commit
         if self.dialect != "postgresql" or not last_seqs:
             return
-        channel = self.notify_channel
-        for job_id, seq in last_seqs.items():
-            payload = f"{job_id} {'deleted' if seq < 0 else seq}"
-            conn.execute(
-                sa.text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": channel, "payload": payload},
-            )
+        payloads = [
+            f"{job_id} {'deleted' if seq < 0 else seq}" for job_id, seq in last_seqs.items()
+        ]
+        # One round trip for all of them (a claim or a poll may move a hundred jobs).
+        conn.execute(
+            sa.text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+            {"channel": self.notify_channel, "payloads": payloads},
+        )
 
     def _delete(self, conn: Connection, ids: list[str]) -> None:
         if len(ids) <= 1000:  # a job's stream ends at once; big prunes are not watched

@@ -312,6 +312,20 @@ def test_hub_publishes_each_event_once_in_order_while_notifications_and_requery_
     assert gone.deleted and gone.data["code"] == "DELETED"
 
 
+def test_one_write_of_many_jobs_notifies_each_of_them_once(
+    pg_ledger: SqlLedger, postgresql_url: str
+) -> None:
+    ids = [f"jmany{n}" for n in range(5)]
+    with psycopg.connect(psycopg_url(postgresql_url), autocommit=True) as listener:
+        listener.execute(f'LISTEN "{pg_ledger.notify_channel}"')
+        pg_ledger.add_many([new_record(job_id) for job_id in ids])  # one transaction
+        added = [n.payload for n in listener.notifies(timeout=10, stop_after=len(ids))]
+        pg_ledger.delete_job(ids[0], actor="test", reason="test")
+        deleted = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+    assert sorted(added) == sorted(f"{job_id} 1" for job_id in ids)
+    assert deleted == [f"{ids[0]} deleted"]
+
+
 def test_hub_ends_streams_of_a_job_deleted_elsewhere_on_its_notification(
     pg_ledger: SqlLedger,
 ) -> None:
