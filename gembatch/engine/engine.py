@@ -968,19 +968,23 @@ class Engine:
         ]
         result_file = Path(job.result_file or results_path(Path(job.input_file)))
         lines = None
-        if new_parts:
-            paths = [Path(t.part_file) for t in new_parts if t.part_file]
-            if not merged_before and len(paths) == 1 and not result_file.exists():
-                result_file.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(paths[0], result_file)  # one task: the verified part is the result
-                fsutil.fsync_dir(result_file.parent)
-            else:
-                base = [result_file] if merged_before and result_file.exists() else []
-                await asyncio.to_thread(merge_results, base + paths, result_file)
-                for path in paths:
-                    path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # only when empty: other jobs' parts may be there
-            work_dir(job).rmdir()
+        # Crash-safe in any order of events: the parts are removed only after the ledger
+        # says they are merged, so a finalize that stops before its ledger write (a kill,
+        # another server finalizing the same job) is simply done again.
+        paths = [Path(t.part_file) for t in new_parts if t.part_file]
+        present = [p for p in paths if p.exists()]
+        if present and not await asyncio.to_thread(
+            _link_single_part, present, paths, result_file, merged_before
+        ):
+            # The result file holds what earlier finalizes merged, or (a finalize that
+            # stopped before its ledger write) some of these parts already: merged again,
+            # still one line per key.
+            earlier = result_file.exists() and (merged_before or len(present) < len(paths))
+            base = [result_file] if earlier else []
+            await asyncio.to_thread(merge_results, base + present, result_file)
+        # With no part left at all, an earlier finalize put them in the result file and
+        # stopped before its ledger write (older versions moved a single part there): the
+        # count of its lines says whether it is whole.
         if result_file.exists():
             lines = await asyncio.to_thread(_count_lines, result_file)
         complete = lines is not None and lines == job.count
@@ -996,6 +1000,10 @@ class Engine:
         result = await self._apply({job.id: change})
         if job.id in result.errors:
             raise result.errors[job.id]
+        for path in paths:  # merged, and the ledger says so
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty: other jobs' parts may be there
+            work_dir(job).rmdir()
         finished = Job.from_record(result.records[job.id])
         if (
             finished.status is JobStatus.COMPLETED
@@ -1263,6 +1271,24 @@ def _count_lines(path: Path) -> int:
         for block in iter(lambda: handle.read(1 << 20), b""):
             count += block.count(b"\n")
     return count
+
+
+def _link_single_part(
+    present: list[Path], paths: list[Path], result_file: Path, merged_before: bool
+) -> bool:
+    """One task's verified part becomes the result file as a second name (a hard link:
+    no copy of a gigabyte); the part goes once the ledger has recorded the merge. False
+    when that is not the case here (several parts, a result file already there, or a
+    file system without hard links): merge instead."""
+    if merged_before or len(paths) != 1 or len(present) != 1 or result_file.exists():
+        return False
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(present[0], result_file)
+    except OSError:
+        return False
+    fsutil.fsync_dir(result_file.parent)
+    return True
 
 
 def _chain(changes: list[Change]) -> Change:
