@@ -90,11 +90,7 @@ MODEL_FIX = (
 
 def unknown_model_error(check: Any) -> UserError:
     """The refusal for a model the API does not serve (a failed `ModelCheck`)."""
-    if check.code and check.code.startswith("404"):
-        what = f"unknown model {check.model!r}: the Gemini API answered {check.code}"
-    else:  # the SDK refused the name before sending anything
-        what = f"invalid model name {check.model!r}"
-    return UserError(f"{what} ({check.message}); {MODEL_FIX}; nothing was uploaded")
+    return UserError(f"{check.refusal}; {MODEL_FIX}; nothing was uploaded")
 
 
 async def check_models(remote: Any, models: list[str], err: TextIO) -> list[Any]:

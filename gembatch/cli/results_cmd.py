@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,17 +63,15 @@ def results(
 def _join(input_path: Path, result_path: Path | None, output: Path | None, fmt: str) -> Any:
     """join_results to stdout or, all or nothing, to `output` (a temporary file renamed
     into place). An input that is not a request file is a UserError naming its line."""
+    from gembatch.fsutil import atomic_writer
     from gembatch.inputs import InputInvalid, validate_file
     from gembatch.results import join_results
 
-    partial = output.with_name(f".{output.name}.partial") if output else None
     try:
-        if partial is None:
+        if output is None:
             return join_results(input_path, result_path, sys.stdout, fmt)
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            summary = join_results(input_path, result_path, out, fmt)
-        os.replace(partial, output)  # type: ignore[arg-type]
-        return summary
+        with atomic_writer(output, "w", encoding="utf-8", newline="") as out:
+            return join_results(input_path, result_path, out, fmt)
     except ValueError as exc:
         # A line without a key: the file is not a valid request file (any more).
         try:
@@ -90,10 +86,6 @@ def _join(input_path: Path, result_path: Path | None, output: Path | None, fmt: 
     except OSError as exc:
         where = output if output is not None else "stdout"
         raise UserError(f"cannot write {where}: {exc.strerror or exc}") from None
-    finally:
-        if partial is not None:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
 
 
 def _keys(keys: list[str], shown: int = 5) -> str:

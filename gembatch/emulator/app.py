@@ -559,9 +559,9 @@ class Emulator:
         offset like the real service's opaque tokens."""
         size = self._page_size(request)
         token = request.query_params.get("pageToken") or ""
-        start = int(token) if token.isdigit() else 0
         if token and not token.isdigit():
             raise invalid_argument("Invalid page token.", "page_token")
+        start = int(token or 0)
         names = list(dict.fromkeys([*self.config.models, *self.config.non_batch_models]))
         body: dict[str, Any] = {}
         page = names[start : start + size]

@@ -37,6 +37,16 @@ class ModelCheck:
     warning: str | None = None  # served, but not listed as supporting batch mode
 
     @property
+    def refusal(self) -> str:
+        """Why the model is refused (for known False): the API's 404, or the SDK's own
+        refusal of the name."""
+        if self.code and self.code.startswith("404"):
+            what = f"unknown model {self.model!r}: the Gemini API answered {self.code}"
+        else:  # the SDK refused the name before sending anything
+            what = f"invalid model name {self.model!r}"
+        return f"{what} ({self.message})"
+
+    @property
     def transient(self) -> bool:
         """The check failed for a reason that says nothing about the model."""
         return self.error_class in DEFAULT_RETRY_ON

@@ -194,17 +194,13 @@ class JobService:
         self._model_locks.pop(model, None)  # names from clients: keep only the known ones
         if check.known is None:
             return
-        if check.code and check.code.startswith("404"):
-            what = f"unknown model {model!r}: the Gemini API answered {check.code}"
-        else:
-            what = f"invalid model name {model!r}"
         fix = (
             "give a model the API serves in `model`"
             if from_request
             else f"the service's default model {model!r} is not served: restart it with "
             "another --model (or $GEMBATCH_MODEL), or give `model` in the request"
         )
-        message = f"{what} ({check.message}); {fix}"
+        message = f"{check.refusal}; {fix}"
         raise HTTPException(
             status_code=422,
             detail=[{"loc": ["body", "model"], "msg": message, "type": "unknown_model"}],
