@@ -49,6 +49,7 @@ from gembatch.server.models import (
     JobStatusModel,
     UpdateBatchJobData,
 )
+from gembatch.server.request_guard import RequestGuard
 from gembatch.server.service import JobService
 from gembatch.server.settings import ServerSettings
 from gembatch.server.views import job_status
@@ -151,6 +152,13 @@ def create_app(
         summary="Gemini Batch API jobs over HTTP, with live progress (SSE)",
         lifespan=lifespan,
     )
+    # Cross-site writes and, without tokens, foreign Host names (DNS rebinding): refused
+    # before routing. The body types are what the create endpoints read.
+    app.add_middleware(
+        RequestGuard,
+        single_user=settings.single_user,
+        body_types=("application/json", "multipart/form-data", *JSONL_TYPES),
+    )
     app.state.settings = settings
     app.state.ledger = ledger
     app.state.engine = engine
@@ -236,8 +244,9 @@ def create_app(
     )
     async def stream(job_id: str, request: Request) -> EventSourceResponse:
         """The job's events (SSE): `status` first, then `progress`, then `completed` or
-        `error`; `Last-Event-ID` resumes without loss or duplicates."""
-        user = auth.user_for(request)
+        `error`; `Last-Event-ID` resumes without loss or duplicates. The one endpoint that
+        takes the token as `?access_token=` too: EventSource cannot send headers."""
+        user = auth.user_for(request, token_in_query=True)
         last = _last_event_id(request)
         job = await service.job(job_id, user)  # 404 before the stream starts
         if last is not None and job.status.terminal:

@@ -48,9 +48,10 @@ class ServerSettings:
 
     def check(self) -> None:
         """Refuse unsafe combinations before anything starts."""
-        if self.single_user and not _is_loopback(self.host):
+        if self.single_user and not is_loopback(self.host):
+            shown = self.host or "'' (every interface)"
             raise UserError(
-                f"refusing to serve on {self.host} without API tokens: anyone who can reach "
+                f"refusing to serve on {shown} without API tokens: anyone who can reach "
                 "it could run jobs on your Gemini key. Give --tokens FILE (or "
                 "$GEMBATCH_TOKENS=token:user,...), or bind to 127.0.0.1"
             )
@@ -62,11 +63,13 @@ class ServerSettings:
             raise UserError("--notify-max-delay must not be negative")
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address literal (`127.0.0.1`, `::1`, `[::1]`). Not the
+    empty host, which means every interface."""
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
 

@@ -30,7 +30,8 @@ def _app(tmp_path: Path) -> Any:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     # No `with`: the lifespan (worker, event hub) is not started; creates that are
     # refused never reach them.
-    yield TestClient(_app(tmp_path))
+    # Addressed to 127.0.0.1: without tokens the service answers no other Host.
+    yield TestClient(_app(tmp_path), base_url="http://127.0.0.1")
 
 
 def test_the_multipart_options_description_lists_every_job_option() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gembatch.server.run import READY_PREFIX
 from tests.server.conftest import (
     FAST_EMULATOR_CONFIG,
     TERMINAL,
@@ -96,6 +97,38 @@ def test_a_non_localhost_address_without_tokens_is_refused(tmp_path: Path, host:
     assert "Traceback" not in output, output
     assert not (tmp_path / "gembatch.db").exists(), "nothing is created before the refusal"
     assert not (tmp_path / "data").exists()
+
+
+def test_an_empty_host_without_tokens_is_refused_not_bound_to_every_interface(
+    tmp_path: Path,
+) -> None:
+    """`--host ''` means every interface to the socket layer: it is not localhost. The
+    server is started as a process and judged by whether it ever said it listens (a
+    refusal exits at once; a server that listens is stopped by the test)."""
+    env = {k: v for k, v in os.environ.items() if k != "GEMBATCH_TOKENS"}
+    env.update(GEMINI_API_KEY="not-used", GOOGLE_GEMINI_BASE_URL="http://127.0.0.1:9")
+    command = [
+        sys.executable, "-m", "gembatch", "serve", "--port", "0", "--host", "",
+        "--db", f"sqlite:///{tmp_path / 'gembatch.db'}", "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        output = ""
+        for line in proc.stdout:  # until it exits, or says it listens
+            output += line
+            assert READY_PREFIX not in line, f"it listens on every interface: {line}"
+        assert proc.wait(timeout=60) != 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert "refusing to serve on '' (every interface) without API tokens" in output, output
+    assert "Traceback" not in output, output
+    assert not (tmp_path / "gembatch.db").exists(), "nothing is created before the refusal"
 
 
 @pytest.mark.parametrize(
