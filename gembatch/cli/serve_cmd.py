@@ -40,6 +40,11 @@ def serve(
     notify_url: str | None = typer.Option(
         None, "--notify-url", help="POST every finished job here (JSON)."
     ),
+    notify_allow_private: bool = typer.Option(
+        False,
+        "--notify-allow-private",
+        help="Let webhooks go to loopback and private addresses (tests, intranets).",
+    ),
     notify_attempts: int = typer.Option(
         8, "--notify-attempts", help="Deliveries of one webhook before giving up."
     ),
@@ -74,6 +79,7 @@ def serve(
         ping_interval=ping_interval,
         event_requery_interval=event_requery_interval,
         notify_url=notify_url,
+        notify_allow_private=notify_allow_private,
         notify_attempts=notify_attempts,
         notify_max_delay=notify_max_delay,
         model=common.model_name(model),

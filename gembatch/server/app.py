@@ -130,6 +130,7 @@ def create_app(
             max_attempts=settings.notify_attempts,
             base_delay=min(1.0, settings.notify_max_delay),
             max_delay=settings.notify_max_delay,
+            allow_private=settings.notify_allow_private,
         )
         tasks = [
             asyncio.create_task(worker.run(stop), name="gembatch-worker"),

@@ -21,6 +21,7 @@ from pydantic import (
 
 from gembatch.inputs import KNOWN_REQUEST_FIELDS, SplitLimits
 from gembatch.jobs import DEFAULT_RETRY_ON, ErrorClass
+from gembatch.server.webhook_targets import url_problem
 
 PublicStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 MAX_TASK_BYTES = SplitLimits().max_bytes  # below Gemini's 2 GB input file limit
@@ -68,6 +69,15 @@ class JobOptions(BaseModel):
     resource_limits: ResourceLimits | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     notify_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s]+$")
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url_parses(cls, value: str | None) -> str | None:
+        # The pattern lets `http://[::1` through; where it points is checked by the
+        # service (it resolves the name).
+        if value is not None and (problem := url_problem(value)) is not None:
+            raise ValueError(f"notify_url {problem}")
+        return value
 
 
 def _request_schema() -> dict[str, Any]:

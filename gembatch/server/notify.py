@@ -17,6 +17,12 @@ read again each round and queued once (the outbox ignores repeats). SQLite write
 serialised: there the cursor settles at once. Each process queues what it reads, but a
 delivery is sent by one process only: it is claimed first (`FOR UPDATE SKIP LOCKED`, its
 `next_at` pushed ahead as a lease), so a sender that dies leaves it due after the lease.
+
+Targets are checked before each POST (gembatch.server.webhook_targets): the host is
+resolved, every address must be public unless the operator allows private ones, and the
+POST connects to a checked address (no redirects followed). A refused target is given up
+at once. Only the receiver's status code is kept, never its reply: an internal server
+made to answer a webhook must not have its reply shown to whoever chose the URL.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -39,6 +45,7 @@ from gembatch.jobs import RetryConfig
 from gembatch.retry import backoff
 from gembatch.server.events import COMPLETED, ERROR, TERMINAL_EVENTS
 from gembatch.server.views import api_time
+from gembatch.server.webhook_targets import Resolver, TargetRefused, addresses_for, safe_url
 
 CURSOR_KEY = "notify_cursor"
 ACTOR = "notifier"
@@ -72,11 +79,15 @@ class Notifier:
         client: httpx.AsyncClient | None = None,
         concurrency: int = 8,
         settle_seconds: float | None = None,
+        allow_private: bool = False,
+        resolver: Resolver | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.ledger = ledger
         self.service_url = service_url or None
+        self.allow_private = allow_private  # --notify-allow-private: loopback, LAN targets
+        self._resolver = resolver  # None: the system's; tests swap DNS with it
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.max_delay = max_delay
@@ -212,13 +223,13 @@ class Notifier:
         return len(due) >= limit
 
     async def _deliver(self, delivery: Any) -> None:
-        error = await self._post(delivery)
+        error, final = await self._post(delivery)
         now = self._clock()
         if error is None:
             await _thread(self.ledger.mark_delivered, delivery.event_id, delivery.url, now)
             return
         attempts = int(delivery.attempts or 0) + 1
-        if attempts >= self.max_attempts:
+        if final or attempts >= self.max_attempts:
             # Given up: next attempt "never" (never due again); the row keeps its attempts
             # and last error for operators, and the audit log says so.
             await _thread(self.ledger.mark_failed, delivery.event_id, delivery.url, error, NEVER)
@@ -240,48 +251,64 @@ class Notifier:
         delay = min(self.max_delay, backoff(self._backoff, attempts))
         await _thread(self.ledger.mark_failed, delivery.event_id, delivery.url, error, now + delay)
 
-    async def _post(self, delivery: Any) -> str | None:
-        """POST one delivery; None when the receiver answered 2xx, else what went wrong
-        (with no userinfo or query string of the URL in it)."""
+    async def _post(self, delivery: Any) -> tuple[str | None, bool]:
+        """POST one delivery: (None, _) when the receiver answered 2xx, else (what went
+        wrong, with no userinfo or query string of the URL in it; whether that is final).
+        The receiver's reply body is never read into either."""
+        try:
+            addresses = await asyncio.wait_for(
+                addresses_for(
+                    delivery.url, allow_private=self.allow_private, resolver=self._resolver
+                ),
+                self.timeout,
+            )
+        except TargetRefused as exc:
+            return _clean(f"refused: {exc}", delivery.url), True
+        except (OSError, TimeoutError) as exc:
+            return _clean(f"cannot resolve the host name: {exc}", delivery.url), False
         body = dict(delivery.payload)
         body["sent_at"] = api_time(self._clock())
+        url = httpx.URL(delivery.url)
         headers = {
+            "Host": url.netloc.decode("ascii"),  # the name, though we connect to an address
             "Content-Type": "application/json",
             "User-Agent": f"gembatch/{__version__}",
             "X-Gembatch-Event-Id": str(delivery.event_id),
         }
-        try:
-            response = await asyncio.wait_for(
-                self._http().post(delivery.url, json=body, headers=headers),
-                self.timeout + 1.0,  # the client's own timeout should fire first
-            )
-        except Exception as exc:
-            return _clean(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, delivery.url
-            )
-        if 200 <= response.status_code < 300:
-            return None
-        text = response.text[:200].strip()
-        return _clean(f"HTTP {response.status_code}" + (f": {text}" if text else ""), delivery.url)
+        # TLS checks the certificate against the name too, not the address.
+        extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+        error = "no address"
+        for address in addresses:  # each one checked above: never a name resolved again
+            try:
+                response = await asyncio.wait_for(
+                    self._http().post(
+                        url.copy_with(host=str(address)), json=body, headers=headers,
+                        extensions=extensions,
+                    ),
+                    self.timeout + 1.0,  # the client's own timeout should fire first
+                )  # fmt: skip
+            except httpx.ConnectError as exc:  # this address is down: the next one may not be
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                return _clean(error, delivery.url), False
+            if 200 <= response.status_code < 300:
+                return None, False
+            return _clean(f"HTTP {response.status_code}", delivery.url), False
+        return _clean(error, delivery.url), False
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout,
+                follow_redirects=False,  # a redirect could lead anywhere, unchecked
+                trust_env=False,  # a proxy would connect to a name it resolves itself
+                # One connection per POST: a pooled one is keyed by address, and was
+                # opened (TLS included) for whichever name came first.
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
         return self._client
-
-
-def safe_url(url: str) -> str:
-    """`url` as it may appear in logs and errors: no user:password@, no query string."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        if parts.port:
-            host = f"{host}:{parts.port}"
-    except ValueError:
-        return "<invalid URL>"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _clean(message: str, url: str) -> str:

@@ -31,6 +31,7 @@ from gembatch.server.models import (
     UpdateBatchJobData,
 )
 from gembatch.server.settings import ServerSettings
+from gembatch.server.webhook_targets import target_problem
 
 DELETE_RUNNING = (
     "Cannot delete a running job. Wait for completion or failure, or delete with "
@@ -44,8 +45,11 @@ INTERNAL_DIRS = ("inputs", "results")  # the service's own, under the data direc
 INPUT_FILE_RULE = (
     "input_file must be a path relative to the service's data directory, to a file the "
     "operator put there; not under inputs/ or results/ (the service's copies of uploads "
-    "and results), not a hidden file, not the database or tokens file"
+    "and results), not a hidden file, not the database, a backup of it or the tokens file"
 )
+# How database files begin: SQLite's (the database, and every `gembatch db backup` copy,
+# whatever its name) and `pg_dump -Fc`'s. Other users' jobs are in there.
+DATABASE_MAGIC = (b"SQLite format 3\x00", b"PGDMP")
 RESOURCE_NOTE = (
     "resource_limits.max_memory and max_cpu have no meaning for work done on Google's "
     "side and are ignored; use max_requests_in_flight or max_tokens_in_flight"
@@ -138,6 +142,17 @@ class JobService:
                 f"at most {MAX_TASKS_PER_JOB} per job: raise max_task_requests or max_task_bytes"
             )
             raise HTTPException(status_code=422, detail=[_split_problem(field, message)])
+        if options.notify_url:
+            problem = await target_problem(
+                options.notify_url, allow_private=self.settings.notify_allow_private
+            )
+            if problem is not None:
+                target.unlink(missing_ok=True)
+                raise HTTPException(
+                    status_code=422,
+                    detail=[{"loc": ["body", "notify_url"], "msg": f"notify_url {problem}",
+                             "type": "notify_url_refused"}],
+                )  # fmt: skip
         model = options.model or self.settings.model
         try:
             await self._check_model(model, from_request=options.model is not None)
@@ -254,7 +269,7 @@ class JobService:
             # The database's companions too: -wal, -shm, -journal, .server.lock, backups.
             if candidate.parent == resolved.parent and candidate.name.startswith(resolved.name):
                 return True
-        return False
+        return _is_database_file(candidate)
 
     # -- delete ------------------------------------------------------------------------------
     async def delete(self, user: str, job_id: str, force: bool) -> dict[str, Any]:
@@ -417,6 +432,15 @@ class JobService:
                     deleted.append(job.id)
                     offset -= 1
         return deleted
+
+
+def _is_database_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:  # a directory, or unreadable: the caller says so
+        return False
+    return head.startswith(DATABASE_MAGIC)
 
 
 def _sqlite_path(db_url: str) -> Path | None:

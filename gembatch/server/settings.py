@@ -30,6 +30,9 @@ class ServerSettings:
     notify_url: str | None = None  # service-wide webhook for finished jobs
     notify_attempts: int = 8  # deliveries of one notification before giving up
     notify_max_delay: float = 300.0  # longest wait between two deliveries (s)
+    # Webhooks to loopback, private, link-local ... addresses (tests, intranets); off, a
+    # notify_url could make the service reach its own network (webhook_targets).
+    notify_allow_private: bool = False
     model: str = "gemini-2.5-flash-lite"
     api_key: str | None = None
     base_url: str | None = None
@@ -61,6 +64,12 @@ class ServerSettings:
             raise UserError("--notify-attempts must be at least 1")
         if self.notify_max_delay < 0:
             raise UserError("--notify-max-delay must not be negative")
+        if self.notify_url:
+            from gembatch.server.webhook_targets import check_target_now
+
+            problem = check_target_now(self.notify_url, allow_private=self.notify_allow_private)
+            if problem is not None:
+                raise UserError(f"--notify-url {problem}")
 
 
 def is_loopback(host: str) -> bool:

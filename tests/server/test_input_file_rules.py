@@ -10,6 +10,8 @@ file are put inside the data directory on purpose.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +117,33 @@ def test_input_file_cannot_name_the_services_own_files(two_user_service: Service
             assert wait_status(client, job, TERMINAL)["status"] == "completed"
         assert _refused(bob, "shared/missing.jsonl").endswith("no such file in the data directory")
     assert {p.name for p in (data / "inputs").iterdir()} >= {f"{job_id}.jsonl"}
+
+
+def test_input_file_cannot_name_a_backup_of_the_database_whatever_its_name(
+    two_user_service: ServiceProcess,
+) -> None:
+    """`gembatch db backup` into the data directory (the operator's habit of keeping it
+    all in one place): the copy holds every user's jobs, under a name the service did not
+    choose, so it is recognised by what it is, not by its name."""
+    svc = two_user_service
+    data = svc.data_dir
+    with svc.client(ALICE) as alice, svc.client(BOB) as bob:
+        secret = create_job(alice, inline_body(1, prefix="alice-secret-"))
+        assert wait_status(alice, secret, TERMINAL)["status"] == "completed"
+        (data / "shared").mkdir()
+        backups = []
+        for target in (data, data / "shared" / "nightly.jsonl"):  # a directory: a dated name
+            run = subprocess.run(
+                [sys.executable, "-m", "gembatch", "db", "backup", str(target),
+                 "--db", svc.db_url],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stdout + run.stderr
+            backups.append(run.stdout.split()[1])  # "wrote PATH (...)"
+        names = [Path(path).relative_to(data).as_posix() for path in backups]
+        assert names[0].startswith("ledger-") and names[1] == "shared/nightly.jsonl", names
+        for path in names:
+            detail = _refused(bob, path)
+            assert "one of the service's own files" in detail and "backup" in detail, detail
+            assert "alice" not in detail, detail
+        assert bob.get("/api/jobs").json()["jobs"] == []

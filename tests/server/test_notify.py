@@ -216,7 +216,7 @@ def test_one_post_per_finished_job_per_url_with_the_documented_shape(
     advance(ledger, "jquiet", TO_COMPLETED)
     advance(ledger, "jrunning", TO_SUBMITTED)
 
-    notifier = Notifier(ledger, service_url=receiver.url("service"))
+    notifier = Notifier(ledger, allow_private=True, service_url=receiver.url("service"))
     asyncio.run(drain(notifier))
 
     job_posts = receiver.received("job")
@@ -251,7 +251,7 @@ def test_a_deletion_is_not_notified(ledger: Any, receiver: Receiver) -> None:
     [deleted] = events_for(ledger.get("jdel"), None)
     assert deleted.type == "error" and deleted.data["code"] == "DELETED"
     ledger.append_event("jdel", deleted)
-    asyncio.run(drain(Notifier(ledger, service_url=receiver.url("service"))))
+    asyncio.run(drain(Notifier(ledger, allow_private=True, service_url=receiver.url("service"))))
     assert receiver.posts == []
     assert deliveries(ledger) == []
 
@@ -263,7 +263,9 @@ def test_a_job_deleted_after_finishing_is_still_notified_once(
     advance(ledger, "jgone", TO_COMPLETED)
     receiver.fail_first["job"] = 1
     clock = [time.time()]
-    notifier = Notifier(ledger, base_delay=0.5, max_delay=1.0, clock=lambda: clock[0])
+    notifier = Notifier(
+        ledger, allow_private=True, base_delay=0.5, max_delay=1.0, clock=lambda: clock[0]
+    )
 
     async def scenario() -> None:
         await notifier.run_once()  # queued; the first POST gets a 500
@@ -283,7 +285,9 @@ def test_retried_after_500s_then_delivered_once(ledger: Any, receiver: Receiver)
     ledger.add_many([new_record("jretry", receiver.url("job"))])
     advance(ledger, "jretry", TO_COMPLETED)
     clock = [time.time()]
-    notifier = Notifier(ledger, base_delay=1.0, max_delay=5.0, clock=lambda: clock[0])
+    notifier = Notifier(
+        ledger, allow_private=True, base_delay=1.0, max_delay=5.0, clock=lambda: clock[0]
+    )
 
     async def scenario() -> None:
         await notifier.run_once()
@@ -312,16 +316,16 @@ def test_a_restarted_notifier_sends_nothing_twice_and_skips_nothing(
     ledger.add_many([new_record(f"j{i}", receiver.url("job")) for i in range(6)])
     for i in range(3):
         advance(ledger, f"j{i}", TO_COMPLETED)
-    asyncio.run(drain(Notifier(ledger, service_url=receiver.url("service"))))
+    asyncio.run(drain(Notifier(ledger, allow_private=True, service_url=receiver.url("service"))))
     assert len(receiver.received("job")) == 3
 
     # Jobs finish while no notifier runs; then a new process opens the same database.
     advance(ledger, "j3", TO_COMPLETED)
     advance(ledger, "j4", TO_FAILED)
     reopened = SqlLedger(db_url, on_change=events_for)
-    asyncio.run(drain(Notifier(reopened, service_url=receiver.url("service"))))
+    asyncio.run(drain(Notifier(reopened, allow_private=True, service_url=receiver.url("service"))))
     advance(ledger, "j5", TO_COMPLETED)
-    asyncio.run(drain(Notifier(reopened, service_url=receiver.url("service"))))
+    asyncio.run(drain(Notifier(reopened, allow_private=True, service_url=receiver.url("service"))))
 
     for name in ("job", "service"):
         ids = [p["job"]["job_id"] for p in receiver.received(name)]
@@ -336,7 +340,12 @@ def test_gives_up_after_max_attempts_and_audits_it(ledger: Any, receiver: Receiv
     advance(ledger, "jdown", TO_COMPLETED)
     clock = [time.time()]
     notifier = Notifier(
-        ledger, max_attempts=3, base_delay=0.1, max_delay=1.0, clock=lambda: clock[0]
+        ledger,
+        allow_private=True,
+        max_attempts=3,
+        base_delay=0.1,
+        max_delay=1.0,
+        clock=lambda: clock[0],
     )
 
     async def scenario() -> None:
@@ -371,7 +380,7 @@ def test_a_receiver_that_is_down_raises_nothing_and_blocks_no_ledger_write(
 
     async def scenario() -> tuple[int, float]:
         stop = asyncio.Event()
-        notifier = Notifier(ledger, timeout=3.0)
+        notifier = Notifier(ledger, allow_private=True, timeout=3.0)
         task = asyncio.create_task(notifier.run(stop))
         await asyncio.sleep(0.3)  # the hung POST is in flight now
         for i in range(5):  # the engine's writes, from its own thread as the service does

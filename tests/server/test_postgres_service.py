@@ -219,7 +219,7 @@ def test_two_processes_post_each_finished_job_exactly_once(
     try:
         a, b = pair(
             service_factory, postgresql_url, FAST_EMULATOR_CONFIG,
-            "--notify-url", receiver.url("/service"),
+            "--notify-url", receiver.url("/service"), "--notify-allow-private",
         )  # fmt: skip
         jobs = []
         with a.client(timeout=20) as on_a, b.client(timeout=20) as on_b:
@@ -477,7 +477,9 @@ def test_notifier_queues_an_event_that_commits_after_a_later_one(
     must not have moved past it."""
     pg_ledger.add_many([new_record("jslow"), new_record("jfast")])
     hook = "http://127.0.0.1:9/hook"
-    notifier = Notifier(pg_ledger, service_url=hook)  # PostgreSQL: settles in 30 s
+    notifier = Notifier(
+        pg_ledger, allow_private=True, service_url=hook
+    )  # PostgreSQL: settles in 30 s
     slow = psycopg.connect(psycopg_url(postgresql_url))
     try:
         body = json.dumps({"job_id": "jslow", "status": "completed"})
@@ -498,7 +500,7 @@ def test_notifier_queues_an_event_that_commits_after_a_later_one(
     asyncio.run(notifier.queue_events())
     assert queued(pg_ledger) == {fast_id, slow_id}
     # Once settled the cursor moves past both; nothing is queued twice.
-    settled = Notifier(pg_ledger, service_url=hook, settle_seconds=0)
+    settled = Notifier(pg_ledger, allow_private=True, service_url=hook, settle_seconds=0)
     asyncio.run(settled.queue_events())
     assert int(pg_ledger.meta_get(CURSOR_KEY) or 0) >= fast_id
     assert queued(pg_ledger) == {fast_id, slow_id}

@@ -284,6 +284,7 @@ def test_webhooks_arrive_once_per_finished_job_and_url_across_a_kill(
         "--notify-url",
         receiver.url("/service"),
         *("--notify-max-delay", "2", "--notify-attempts", "1000"),
+        "--notify-allow-private",  # the receiver is on 127.0.0.1
     )
     write_input(svc.data_dir / "fail-me.jsonl", 2)
     receiver.down.add("/service")  # the service-wide receiver is down for a while
