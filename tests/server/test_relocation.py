@@ -310,3 +310,22 @@ def test_a_database_written_with_absolute_paths_is_migrated_and_can_move(
         assert not old.exists()
     finally:
         emu.close()
+
+
+def test_an_unusable_input_file_is_refused_without_naming_the_data_directory(
+    services: Services, tmp_path: Path
+) -> None:
+    emu = EmulatorProcess(state_dir=tmp_path / "emulator", config={"clock": FAST_CLOCK}).start()
+    try:
+        svc = _site(services, emu, tmp_path / "site")
+        (svc.data_dir / "sub").mkdir()
+        with svc.client() as client:
+            for name in ("a" * 300, "sub/" + "b" * 300 + ".jsonl"):
+                response = client.post("/api/job/batch", json={"input_file": name})
+                assert response.status_code == 400, response.text
+                detail = response.json()["detail"]
+                assert "File name too long" in detail, detail
+                assert str(tmp_path) not in detail and str(tmp_path.resolve()) not in detail
+                assert len(detail) < 400, detail
+    finally:
+        emu.close()
