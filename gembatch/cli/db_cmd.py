@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import filelock
 import typer
@@ -32,6 +32,9 @@ import typer
 from gembatch.cli.app import app
 from gembatch.errors import UserError
 from gembatch.fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    from gembatch.ledger.sql import SqlLedger
 
 DEFAULT_DB = "sqlite:///gembatch.db"
 SERVER_LOCK_SUFFIX = ".server.lock"
@@ -211,7 +214,7 @@ class MissingFile:
     what: str
 
 
-def missing_files(ledger: Any) -> tuple[int, list[MissingFile]]:
+def missing_files(ledger: SqlLedger) -> tuple[int, list[MissingFile]]:
     """(jobs, the files they need that are not there): the inputs of unfinished jobs'
     unfinished tasks, verified results not merged yet, and completed jobs' results.
     `ledger` is a SqlLedger given the data directory."""
