@@ -1,4 +1,4 @@
-"""`gembatch db backup PATH` and `gembatch db restore PATH`: the service's SQLite database.
+"""`gembatch db backup PATH`, `gembatch db restore PATH`, `gembatch db check`.
 
 Why: the service's ledger is one SQLite file that a running server writes all the time;
 copying it with `cp` can catch it half-written, and putting an old copy back blindly
@@ -7,6 +7,10 @@ consistent online copy, checked with integrity_check. Restore refuses while a se
 holds the database, keeps the replaced file, swaps the backup in atomically and bumps the
 restore generation, so every claim recorded in the backup is treated as foreign and
 reconciled with Gemini instead of repeated (reference/job-systems.md §3.10).
+A database is half of a site: its jobs' inputs and results live in the data directory,
+which the records name relative to it. Restore (and `check`, for any database, e.g.
+after `pg_restore`) says which files the jobs need that the data directory lacks,
+before the service would fail those jobs one by one.
 PostgreSQL has its own tools (pg_dump / pg_restore): see the README.
 """
 
@@ -20,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import filelock
 import typer
@@ -28,13 +33,16 @@ from gembatch.cli.app import app
 from gembatch.errors import UserError
 from gembatch.fsutil import fsync_dir
 
+if TYPE_CHECKING:
+    from gembatch.ledger.sql import SqlLedger
+
 DEFAULT_DB = "sqlite:///gembatch.db"
 SERVER_LOCK_SUFFIX = ".server.lock"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 db_app = typer.Typer(
     name="db",
-    help="Back up and restore the service's SQLite database (`gembatch serve --db`).",
+    help="Back up, restore and check the service's database (`gembatch serve --db`).",
     no_args_is_help=True,
 )
 app.add_typer(db_app, name="db")
@@ -42,6 +50,14 @@ app.add_typer(db_app, name="db")
 DB_OPTION = typer.Option(
     DEFAULT_DB, "--db", help="The service's database URL (as given to `gembatch serve`)."
 )
+DEFAULT_DATA_DIR = Path("gembatch-data")
+DATA_DIR_OPTION = typer.Option(
+    DEFAULT_DATA_DIR,
+    "--data-dir",
+    help="The service's data directory (as given to `gembatch serve`): it must hold the "
+    "files the database's jobs need.",
+)
+MAX_LISTED = 10
 
 
 @db_app.command()
@@ -95,13 +111,20 @@ def backup(
 def restore(
     path: Path = typer.Argument(..., help="A backup written by `gembatch db backup`."),
     db: str = DB_OPTION,
+    data_dir: Path = DATA_DIR_OPTION,
+    allow_missing: bool = typer.Option(
+        False,
+        "--allow-missing",
+        help="Restore even if the data directory lacks files the jobs need (those jobs fail).",
+    ),
 ) -> None:
     """Put a backup in place of the database (the server must be stopped).
 
-    The backup is checked (it opens, passes integrity_check, is a gembatch database); the
-    current database is kept as DB.before-restore-TIMESTAMP; the swap is atomic; and the
-    restore generation is bumped, so the next `gembatch serve` reconciles every job that
-    was in flight with Gemini instead of repeating its work.
+    The backup is checked (it opens, passes integrity_check, is a gembatch database, and
+    the data directory holds every file its jobs need: inputs of unfinished jobs, results
+    of completed ones); the current database is kept as DB.before-restore-TIMESTAMP; the
+    swap is atomic; and the restore generation is bumped, so the next `gembatch serve`
+    reconciles every job that was in flight with Gemini instead of repeating its work.
     """
     target = sqlite_path(db)
     if not path.exists():
@@ -122,11 +145,19 @@ def restore(
             "stop `gembatch serve` first, then restore"
         ) from None
     try:
-        kept, info = _restore_locked(path, target)
+        kept, info, missing = _restore_locked(path, target, data_dir, allow_missing)
     finally:
         lock.release()
     if kept is not None:
         typer.echo(f"kept the replaced database as {kept}")
+    if missing:
+        typer.echo(
+            f"warning: restored without {_files(len(missing))} the jobs need "
+            f"(--allow-missing); those jobs will fail:\n{_listing(missing)}",
+            err=True,
+        )
+    else:
+        typer.echo(f"{data_dir} holds every file the restored jobs need")
     typer.echo(
         f"restored {path} to {target}: {info.jobs} jobs, schema version {info.schema_version}, "
         f"restore generation now {info.generation}"
@@ -134,11 +165,113 @@ def restore(
     typer.echo(
         "next: start the server with `gembatch serve"
         + ("" if db == DEFAULT_DB else f" --db {db}")
+        + ("" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {data_dir}")
         + "`; jobs that were in flight are reconciled with Gemini, not repeated"
     )
 
 
-def _restore_locked(backup_file: Path, target: Path) -> tuple[Path | None, DbInfo]:
+@db_app.command()
+def check(db: str = DB_OPTION, data_dir: Path = DATA_DIR_OPTION) -> None:
+    """Check that the data directory holds every file the database's jobs need.
+
+    For SQLite and PostgreSQL: after a move of the data directory, or a `pg_restore`,
+    before starting `gembatch serve`. Lists what is missing (inputs of unfinished jobs,
+    results of completed ones) and exits 1; exits 0 when nothing is.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gembatch.ledger.sql import SqlLedger
+
+    if _is_sqlite(db):
+        source = sqlite_path(db)
+        if not source.is_file():
+            raise UserError(f"no database at {source}: nothing to check (check --db)")
+        _check_source(source)
+    else:
+        _check_server_database(db)
+    try:
+        with SqlLedger(db, data_dir=data_dir) as ledger:
+            jobs, missing = missing_files(ledger)
+    except (OSError, sqlite3.Error, SQLAlchemyError) as exc:
+        raise UserError(f"cannot read the database {db}: {_reason(exc)}; check --db") from None
+    if missing:
+        raise UserError(
+            f"{_lacks(data_dir, 'the database', missing)}\nPut the data directory that belongs "
+            f"with this database at {data_dir}, or give --data-dir",
+            exit_code=1,
+        )
+    typer.echo(f"{data_dir} holds every file the database's {jobs} jobs need")
+
+
+# -- what a database needs of its data directory ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class MissingFile:
+    job_id: str
+    status: str
+    path: str  # as the record names it: relative to the data directory
+    what: str
+
+
+def missing_files(ledger: SqlLedger) -> tuple[int, list[MissingFile]]:
+    """(jobs, the files they need that are not there): the inputs of unfinished jobs'
+    unfinished tasks, verified results not merged yet, and completed jobs' results.
+    `ledger` is a SqlLedger given the data directory."""
+    from gembatch.jobs import Job, JobStatus
+
+    missing: list[MissingFile] = []
+    count, offset, page = 0, 0, 1000
+    while True:
+        records = ledger.list_jobs(None, None, page, offset)
+        offset += len(records)
+        for record in records:
+            count += 1
+            try:
+                job = Job.from_record(record)
+            except (KeyError, ValueError, TypeError):
+                continue
+            needed: list[tuple[str, str]] = []
+            if job.status is JobStatus.COMPLETED and job.result_file:
+                needed.append((job.result_file, "its results"))
+            if not job.status.terminal:
+                for task in job.tasks:
+                    if not task.state.terminal:
+                        needed.append((task.input.path, f"input of task {task.index}"))
+                    if task.part_file and not task.extra.get("merged"):
+                        needed.append((task.part_file, f"verified results of task {task.index}"))
+            seen: set[str] = set()
+            for path, what in needed:
+                if path in seen or os.path.isfile(path):
+                    continue
+                seen.add(path)
+                shown = ledger.paths.relative(path) if ledger.paths is not None else path
+                missing.append(MissingFile(job.id, job.status.value, shown, what))
+        if len(records) < page:
+            return count, missing
+
+
+def _lacks(data_dir: Path, label: str, missing: list[MissingFile]) -> str:
+    where = f"the data directory {data_dir}"
+    if not data_dir.is_dir():
+        where += " (it does not exist)"
+    return f"{label} names {_files(len(missing))} that {where} lacks:\n{_listing(missing)}"
+
+
+def _files(n: int) -> str:
+    return "1 file" if n == 1 else f"{n} files"
+
+
+def _listing(missing: list[MissingFile]) -> str:
+    lines = [f"  job {m.job_id} ({m.status}): {m.path} ({m.what})" for m in missing[:MAX_LISTED]]
+    if len(missing) > MAX_LISTED:
+        lines.append(f"  ... and {len(missing) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def _restore_locked(
+    backup_file: Path, target: Path, data_dir: Path, allow_missing: bool
+) -> tuple[Path | None, DbInfo, list[MissingFile]]:
     from sqlalchemy.exc import SQLAlchemyError
 
     temp = _temp_path(target.parent, target.name)
@@ -156,7 +289,18 @@ def _restore_locked(backup_file: Path, target: Path) -> tuple[Path | None, DbInf
         from gembatch.ledger.migrations import RESTORE_GENERATION_KEY
         from gembatch.ledger.sql import SqlLedger
 
-        with SqlLedger(_sqlite_url(temp)) as ledger:
+        with SqlLedger(_sqlite_url(temp), data_dir=data_dir) as ledger:
+            # The database and the data directory backed up with it make a site: a
+            # database alone would fail every job whose files it names.
+            _, missing = missing_files(ledger)
+            if missing and not allow_missing:
+                raise UserError(
+                    f"{_lacks(data_dir, str(backup_file), missing)}\nA restore needs the "
+                    "database and the data directory backed up with it: put that directory "
+                    f"at {data_dir} (or give --data-dir), then restore again; or add "
+                    f"--allow-missing to restore anyway (those jobs then fail). {target} is "
+                    "unchanged"
+                )
             if generation > ledger.restore_generation():
                 ledger.meta_set(RESTORE_GENERATION_KEY, str(generation))
             ledger.bump_restore_generation()
@@ -180,7 +324,7 @@ def _restore_locked(backup_file: Path, target: Path) -> tuple[Path | None, DbInf
     finally:
         for name in (temp, *(_side(temp, s) for s in (*SIDE_FILES, ".write.lock"))):
             _remove(name)
-    return kept, describe(target)
+    return kept, describe(target), missing
 
 
 def _keep_current(target: Path) -> Path:
@@ -339,6 +483,39 @@ def sqlite_path(url: str) -> Path:
     if not database or database == ":memory:" or database.startswith("file:"):
         raise UserError(f"--db {url!r} names no database file; use sqlite:///PATH")
     return Path(database)
+
+
+def _is_sqlite(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).get_backend_name() == "sqlite"
+    except ArgumentError:
+        return True  # sqlite_path explains what a URL looks like
+
+
+def _check_server_database(url: str) -> None:
+    """A database server's (PostgreSQL): it answers, and holds gembatch's tables (the
+    ledger would create them in any database it opens)."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gembatch.ledger.sql import driver_url
+
+    engine = sa.create_engine(driver_url(url))
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            found = inspector.has_table("jobs") and inspector.has_table("meta")
+    except SQLAlchemyError as exc:
+        raise UserError(f"cannot open the database {url}: {_reason(exc)}; check --db") from None
+    finally:
+        engine.dispose()
+    if not found:
+        raise UserError(
+            f"{url} is not a gembatch service database (no jobs/meta tables); check --db"
+        )
 
 
 def server_lock_path(db_file: Path) -> str:

@@ -616,6 +616,19 @@ class Engine:
                 end = os.path.getsize(task.input.path)
             with open_range(task.input.path, task.input.start, end) as source:
                 return await self.remote.upload(source, end - task.input.start, task.display_name)
+        except FileNotFoundError as exc:
+            # Gone from under the job (a database restored without its data directory, a
+            # file deleted by hand): trying again cannot help until it is put back.
+            missing = Classified(
+                ErrorClass.LOCAL_IO,
+                "INPUT_MISSING",
+                f"the input file {exc.filename or task.input.path} is missing: put it back "
+                "(a restored database needs the data directory backed up with it), then "
+                "retry the job",
+            )
+            return await self._step_failed(
+                job, index, TaskEvent.UPLOAD_FAILED, Step.UPLOADING, missing
+            )
         except Exception as exc:
             return await self._step_failed(
                 job, index, TaskEvent.UPLOAD_FAILED, Step.UPLOADING, classify(exc)

@@ -204,6 +204,67 @@ def _m4_status_view(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN view TEXT"))
 
 
+# -- migration 5: paths relative to the data directory ----------------------------------------
+
+
+def _m5_relative_paths(conn: Connection) -> None:
+    """Records name their files relative to the service's data directory (the ledger
+    resolves them against the one it is given), so a data directory can move. Records
+    written before held absolute paths (and, with a data directory given as a relative
+    path, results paths relative to the service's working directory); where the data
+    directory was is read from each record's own input, `<data dir>/inputs/<id>.jsonl`
+    (`gembatch.ledger.paths.relative_to_old_root`). Records not in that layout are kept.
+    A converted job's stored status view is dropped (readers rebuild it from the record):
+    its messages may have named the old place."""
+    from gembatch.ledger.paths import relative_to_old_root
+
+    jobs = sa.table(
+        "jobs", sa.column("id", sa.Text), sa.column("record", sa.JSON), sa.column("view", sa.Text)
+    )
+    tasks = sa.table(
+        "tasks", sa.column("job_id", sa.Text), sa.column("idx", sa.Integer),
+        sa.column("record", sa.JSON),
+    )  # fmt: skip
+    rows = conn.execute(sa.select(jobs.c.id, jobs.c.record).order_by(jobs.c.id)).all()
+    job_updates, task_updates = [], []
+    for start in range(0, len(rows), 500):
+        chunk = [(job_id, record) for job_id, record in rows[start : start + 500]]
+        found: dict[str, list[tuple[int, Any]]] = {}
+        task_rows = conn.execute(
+            sa.select(tasks.c.job_id, tasks.c.idx, tasks.c.record)
+            .where(tasks.c.job_id.in_([job_id for job_id, _ in chunk]))
+            .order_by(tasks.c.job_id, tasks.c.idx)
+        )
+        for job_id, idx, task in task_rows:
+            found.setdefault(job_id, []).append((idx, task))
+        for job_id, record in chunk:
+            if not isinstance(record, dict):
+                continue
+            old_tasks = found.get(job_id, [])
+            converted = relative_to_old_root(record, [task for _, task in old_tasks])
+            if converted is None:
+                continue
+            new_record, new_tasks = converted
+            job_updates.append({"b_id": job_id, "record": new_record, "view": None})
+            for (idx, old), new in zip(old_tasks, new_tasks, strict=True):
+                if new != old:
+                    task_updates.append({"b_job": job_id, "b_idx": idx, "record": new})
+    if job_updates:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == sa.bindparam("b_id"))
+            .values(record=sa.bindparam("record"), view=sa.bindparam("view")),
+            job_updates,
+        )
+    if task_updates:
+        conn.execute(
+            tasks.update()
+            .where(tasks.c.job_id == sa.bindparam("b_job"), tasks.c.idx == sa.bindparam("b_idx"))
+            .values(record=sa.bindparam("record")),
+            task_updates,
+        )
+
+
 def task_not_before(task: Any) -> float | None:
     value = task.get("not_before") if isinstance(task, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -230,6 +291,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "jobs.input_file and jobs.batch_name lookup columns", _m2_lookup_columns),
     Migration(3, "tasks.not_before: claims by index", _m3_task_due),
     Migration(4, "jobs.view: the public status, for one-read status calls", _m4_status_view),
+    Migration(5, "paths in records relative to the data directory", _m5_relative_paths),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -50,6 +50,7 @@ from gembatch.ledger import migrations as m
 
 # The JSONL ledger's own status guard: both ledgers refuse exactly the same changes.
 from gembatch.ledger.jsonl import ApplyResult, _check_status_change, copy_record
+from gembatch.ledger.paths import DataDir
 
 try:
     import fcntl
@@ -130,7 +131,9 @@ class SqlLedger:
     its transaction. `view(record)` gives the job's public status object (the service's
     JobStatus), stored with every change for `status_view`. Both must be pure and fast,
     like every callback given to `apply` and `transact`: they run while the database is
-    locked for writing.
+    locked for writing; they see records as stored. `data_dir` (the service's): records
+    are stored with their paths relative to it and handed out with them resolved against
+    it (`gembatch.ledger.paths`), so the database moves with its data directory.
 
     Thread-safe; after `fork()` the child opens its own connections. `writes` counts the
     committed transactions that changed something; `busy_retries` the times a busy SQLite
@@ -145,12 +148,12 @@ class SqlLedger:
         view: View | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.url = sa.make_url(url)
-        if self.url.drivername in ("postgresql", "postgres"):  # psycopg 3 is what we ship
-            self.url = self.url.set(drivername="postgresql+psycopg")
+        self.url = driver_url(url)
         self.on_change = on_change
         self.view = view
+        self.paths = DataDir.of(data_dir) if data_dir is not None else None
         self.busy_timeout = float(busy_timeout)
         self.clock = clock
         self.writes = 0
@@ -228,13 +231,13 @@ class SqlLedger:
         """Every job, oldest first (`created_at`, then id). `problems` is always empty: a
         row cannot hold a record that does not parse."""
         rows = self._run(lambda conn: self._select(conn, None), write=False)
-        return LedgerSnapshot([row.record for row in rows], [])
+        return LedgerSnapshot([self._out(row.record) for row in rows], [])
 
     def load_active(self) -> LedgerSnapshot:
         """Like `load`, without finished jobs (completed, failed, cancelled). Records
         without a status (the original tool's) count as active, as in JsonlLedger."""
         rows = self._run(lambda conn: self._select(conn, _ACTIVE), write=False)
-        return LedgerSnapshot([row.record for row in rows], [])
+        return LedgerSnapshot([self._out(row.record) for row in rows], [])
 
     def add(self, record: Record) -> bool:
         return self.add_many([record])[0]
@@ -260,7 +263,7 @@ class SqlLedger:
                     added.append(False)
                     continue
                 existing.add(job_id)
-                fresh.append(_normal(_with_id(record, job_id)))
+                fresh.append(self._in(_normal(_with_id(record, job_id))))
                 added.append(True)
             if fresh:
                 self._insert(conn, fresh)
@@ -284,7 +287,7 @@ class SqlLedger:
                 row = rows.get(job_id)
                 if row is None:
                     continue
-                new = _normal(_with_id(record, job_id))
+                new = self._in(_normal(_with_id(record, job_id)))
                 _check_status_change(row.record, new)
                 planned.append((job_id, new))
             now = self.clock()
@@ -323,7 +326,7 @@ class SqlLedger:
 
         def work(conn: Connection) -> ApplyResult:
             self._serialize_decisions(conn)
-            records = [row.record for row in self._select(conn, _ACTIVE)]
+            records = [self._out(row.record) for row in self._select(conn, _ACTIVE)]
             outcome = select(records)
             changes, new_records = outcome if isinstance(outcome, tuple) else (outcome, [])
             result = self._apply(conn, changes) if changes else ApplyResult()
@@ -386,7 +389,7 @@ class SqlLedger:
             if not ids:
                 return ApplyResult()
             rows = self._rows_by_id(conn, ids, lock=False)
-            records = [rows[job_id].record for job_id in ids if job_id in rows]
+            records = [self._out(rows[job_id].record) for job_id in ids if job_id in rows]
             changes = select(records, busy)  # reads them; each change gets its own copy
             # The rows are locked already (SQLite: the write lock; PostgreSQL: FOR UPDATE
             # above): no need to read them again.
@@ -402,7 +405,7 @@ class SqlLedger:
 
         def work(conn: Connection) -> Record | None:
             rows = self._select(conn, m.jobs.c.input_file == key, limit=1)
-            return rows[0].record if rows else None
+            return self._out(rows[0].record) if rows else None
 
         return self._run(work, write=False)
 
@@ -415,7 +418,7 @@ class SqlLedger:
             where = sa.or_(m.jobs.c.batch_name == batch_name, m.jobs.c.id.in_(in_tasks))
             for row in self._select(conn, where):
                 if batch_name in batch_names(row.record):
-                    return row.record
+                    return self._out(row.record)
             return None
 
         return self._run(work, write=False)
@@ -434,7 +437,7 @@ class SqlLedger:
 
         def work(conn: Connection) -> Record | None:
             rows = self._select(conn, where)
-            return rows[0].record if rows else None
+            return self._out(rows[0].record) if rows else None
 
         return self._run(work, write=False)
 
@@ -515,7 +518,7 @@ class SqlLedger:
 
         def work(conn: Connection) -> list[Record]:
             rows = self._select(conn, where, order=order, limit=limit, offset=offset)
-            return [row.record for row in rows]
+            return [self._out(row.record) for row in rows]
 
         return self._run(work, write=False)
 
@@ -542,7 +545,7 @@ class SqlLedger:
             self._delete(conn, [job_id])
             detail = {"reason": reason, "status": row.status, "force": force}
             self._audit(conn, actor, "delete", job_id, detail)
-            return row.record
+            return self._out(row.record)
 
         outcome = self._run(work, write=True)
         if isinstance(outcome, InvalidTransition):
@@ -1099,17 +1102,17 @@ class SqlLedger:
                 result.missing.append(job_id)
                 continue
             try:
-                new = change(copy_record(row.record))
+                new = change(self._out(copy_record(row.record)))
             except Exception as exc:
                 result.errors[job_id] = exc
                 if getattr(exc, "code", None) == "LEASE_LOST":  # a late write, refused
                     self._audit(conn, "ledger", "refused_transition", job_id, _refusal(exc))
                 continue
             if new is None:
-                result.records[job_id] = copy_record(row.record)
+                result.records[job_id] = self._out(copy_record(row.record))
                 continue
             try:
-                new = _normal(_with_id(new, job_id))  # raises if it is not a JSON object
+                new = self._in(_normal(_with_id(new, job_id)))  # raises unless a JSON object
                 _check_status_change(row.record, new)
             except InvalidTransition as exc:
                 result.errors[job_id] = exc
@@ -1119,7 +1122,7 @@ class SqlLedger:
                 result.errors[job_id] = exc
                 continue
             if new == row.record:
-                result.records[job_id] = new  # a fresh object: nobody else holds it
+                result.records[job_id] = self._out(new)  # fresh: nobody else holds it
                 continue
             try:
                 events = self._events(row.record, new)
@@ -1127,9 +1130,17 @@ class SqlLedger:
                 result.errors[job_id] = exc
                 continue
             rows[job_id] = self._stage_update(staged, row, new, events, now)
-            result.records[job_id] = new  # fresh from _normal; `rows` dies with this call
+            result.records[job_id] = self._out(new)  # fresh; `rows` dies with this call
         self._write_staged(conn, staged)
         return result
+
+    def _out(self, record: Record) -> Record:
+        """A record as stored -> as handed out (paths resolved against the data dir)."""
+        return record if self.paths is None else self.paths.resolved(record)
+
+    def _in(self, record: Record) -> Record:
+        """A record as handed in -> as stored (paths relative to the data dir)."""
+        return record if self.paths is None else self.paths.stored(record)
 
     def _view_text(self, record: Record) -> str | None:
         if self.view is None:
@@ -1338,6 +1349,14 @@ def _on_sqlite_begin(conn: Connection) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def driver_url(url: str | sa.URL) -> sa.URL:
+    """The URL with the driver gembatch ships: psycopg 3 for a bare `postgresql://`."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
 
 
 def _iso(epoch: float) -> str:

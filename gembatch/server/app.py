@@ -96,7 +96,12 @@ def create_app(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if ledger is None:
-        ledger = SqlLedger(settings.db_url, on_change=events_for, view=status_of_record)
+        ledger = SqlLedger(
+            settings.db_url,
+            on_change=events_for,
+            view=status_of_record,
+            data_dir=settings.data_dir,  # records name files relative to it: a site can move
+        )
     if remote is None:
         from gembatch.gemini.remote import Remote
 

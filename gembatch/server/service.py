@@ -236,8 +236,10 @@ class JobService:
             internal = inside and self._internal(root, candidate)
             found = inside and not internal and candidate.is_file()
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+            # The reason alone: an OSError's text names the path as the server sees it.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise HTTPException(
-                status_code=400, detail=f"input_file {relative[:200]!r} is not usable: {exc}"
+                status_code=400, detail=f"input_file {relative[:200]!r} is not usable: {reason}"
             ) from None
         if not inside:
             raise HTTPException(

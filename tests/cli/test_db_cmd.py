@@ -37,10 +37,11 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -
 
 
 def new_record(job_id: str) -> dict[str, Any]:
+    """A pending job as the service stores it: its files named inside the data directory."""
     job = reducers.new_job(
         job_id=job_id,
         input_file=f"{job_id}.jsonl",
-        input_path=f"/data/{job_id}.jsonl",
+        input_path=f"inputs/{job_id}.jsonl",
         sha256="0" * 64,
         size_bytes=10,
         count=1,
@@ -49,7 +50,7 @@ def new_record(job_id: str) -> dict[str, Any]:
         priority=0,
         retry_config=RetryConfig(),
         max_parallel_tasks=None,
-        result_file=f"/data/results/{job_id}.jsonl",
+        result_file=f"results/{job_id}.jsonl",
         now=time.time(),
     )
     return job.to_record()
@@ -78,11 +79,16 @@ def job_ids(path: Path) -> set[str]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """A service database with two jobs."""
+    """A service database with two pending jobs, and its data directory with their
+    inputs where `gembatch serve` and `gembatch db` look by default (`gembatch-data`)."""
     path = tmp_path / "gembatch.db"
     ledger = open_ledger(path, events=True)
     ledger.add_many([new_record("jold1"), new_record("jold2")])
     close(ledger)
+    inputs = tmp_path / "gembatch-data" / "inputs"
+    inputs.mkdir(parents=True)
+    for job_id in ("jold1", "jold2"):
+        (inputs / f"{job_id}.jsonl").write_text('{"key": "k", "request": {}}\n')
     return path
 
 
@@ -255,6 +261,37 @@ def test_restore_is_refused_while_a_server_holds_the_database(tmp_path: Path, db
     # Once the server is gone, the same command works.
     result = gembatch(tmp_path, "db", "restore", str(backup), "--db", f"sqlite:///{db}")
     assert result.returncode == 0, result.stderr
+
+
+def test_restore_names_what_the_data_directory_lacks_and_goes_on_only_if_allowed(
+    tmp_path: Path, db: Path
+) -> None:
+    backup = tmp_path / "backup.db"
+    assert (
+        gembatch(tmp_path, "db", "backup", str(backup), "--db", f"sqlite:///{db}").returncode == 0
+    )
+    (tmp_path / "gembatch-data" / "inputs" / "jold2.jsonl").unlink()
+    target = tmp_path / "site" / "gembatch.db"
+    target.parent.mkdir()
+    restore = ("db", "restore", str(backup), "--db", f"sqlite:///{target}")
+    result = gembatch(tmp_path, *restore)
+    assert_user_error(
+        result,
+        f"{backup} names 1 file that the data directory gembatch-data lacks:\n"
+        "  job jold2 (pending): inputs/jold2.jsonl (input of task 0)\n",
+        "A restore needs the database and the data directory backed up with it",
+        "--allow-missing",
+        f"{target} is unchanged",
+    )
+    assert "jold1" not in result.stderr
+    assert not target.exists()
+    assert not list(target.parent.glob(".gembatch.db.*")), "no temporary files left behind"
+
+    result = gembatch(tmp_path, *restore, "--allow-missing")
+    assert result.returncode == 0, result.stderr
+    assert "warning: restored without 1 file the jobs need" in result.stderr
+    assert "job jold2 (pending): inputs/jold2.jsonl" in result.stderr
+    assert job_ids(target) == {"jold1", "jold2"}
 
 
 @pytest.mark.parametrize(

@@ -51,10 +51,12 @@ HELD = {"clock": {"pending_seconds": 30.0, "running_seconds": 1.0}}  # PENDING r
 
 
 def pair(launcher: ServiceLauncher, db_url: str, config: dict[str, Any], *args: str) -> Any:
-    """Two services on one emulator and one PostgreSQL database."""
+    """Two services on one emulator, one PostgreSQL database and one data directory (the
+    records name files relative to it: each server finds them in its own mount)."""
     emu = launcher.emulator(config)
-    first = launcher(emulator=emu, db_url=db_url, args=args)
-    second = launcher(emulator=emu, db_url=db_url, args=args)
+    shared = ("--data-dir", str(launcher.root / "shared-data"), *args)
+    first = launcher(emulator=emu, db_url=db_url, args=shared)
+    second = launcher(emulator=emu, db_url=db_url, args=shared)
     return first, second
 
 

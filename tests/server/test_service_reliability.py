@@ -416,7 +416,10 @@ def test_restore_of_a_mid_run_backup_reconciles_live_batches_without_recreating(
 
     eventually(all_submitted, timeout=30, what="every create recorded")
     svc.stop()
-    restored = gembatch("db", "restore", str(backup), "--db", svc.db_url, cwd=tmp_path)
+    restored = gembatch(
+        "db", "restore", str(backup), "--db", svc.db_url, "--data-dir", str(svc.data_dir),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert restored.returncode == 0, restored.stderr
     assert "restore generation now 1" in restored.stdout
 
@@ -445,7 +448,10 @@ def test_restore_after_the_jobs_finished_keeps_them_completed_without_recreating
     svc.stop()
     creates_before = emu.stats()["calls"]["batches.create"]
 
-    restored = gembatch("db", "restore", str(backup), "--db", svc.db_url, cwd=tmp_path)
+    restored = gembatch(
+        "db", "restore", str(backup), "--db", svc.db_url, "--data-dir", str(svc.data_dir),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert restored.returncode == 0, restored.stderr
     svc.start()
     finished = wait_all(svc, jobs, timeout=60)
