@@ -292,7 +292,7 @@ class SqlLedger:
                 row = rows.get(job_id)
                 if row is None:
                     continue
-                new = _normal(_with_id(record, job_id))
+                new = _normal(_with_id(record, job_id), row.record)
                 _check_status_change(row.record, new)
                 planned.append((job_id, new))
             now = self.clock()
@@ -1127,7 +1127,7 @@ class SqlLedger:
                 result.records[job_id] = copy_record(row.record)
                 continue
             try:
-                new = _normal(_with_id(new, job_id))  # raises if it is not a JSON object
+                new = _normal(_with_id(new, job_id), row.record)  # raises if not an object
                 _check_status_change(row.record, new)
             except InvalidTransition as exc:
                 result.errors[job_id] = exc
@@ -1445,9 +1445,20 @@ def _split(record: Record) -> tuple[Record, list[Any]]:
     return {**record, "tasks": []}, tasks
 
 
-def _normal(record: Record) -> Record:
+def _normal(record: Record, was: Record | None = None) -> Record:
     """The record as the database will give it back (JSON types only); UnstorableRecord
-    for what no database here can store and serve back as JSON."""
+    for what no database here can store and serve back as JSON. An update of a row that
+    held such a value already (written by an older version) is let through as before:
+    refusing it would stop the job for ever."""
+    if was is not None:
+        try:
+            return _normal(record)
+        except UnstorableRecord:
+            try:
+                _normal(was)
+            except UnstorableRecord:
+                return json.loads(json.dumps(record))
+            raise
     try:
         text = json.dumps(record, allow_nan=False, ensure_ascii=False)
         text.encode("utf-8")  # fails on an unpaired surrogate
