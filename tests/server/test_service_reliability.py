@@ -503,7 +503,7 @@ def _schemathesis(
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(toml),
         "run", f"{svc.base_url}/openapi.json", "--url", svc.base_url,
-        "--checks", "not_a_server_error", "--max-examples", "25", "--request-timeout", "10",
+        "--checks", "not_a_server_error", "--max-examples", "25", "--request-timeout", "30",
         "--no-color", "--report", "har", "--report-dir", str(workdir), *selection,
     ]  # fmt: skip
     run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=240)
