@@ -434,6 +434,9 @@ async def _create_from_upload(
         raise HTTPException(status_code=422, detail=[{"loc": ["body", "file"],
                             "msg": "a file field named `file` is required",
                             "type": "missing"}])  # fmt: skip
+    if "\x00" in (upload.filename or ""):  # it becomes the job's display name
+        problem = body.problem(["body", "file"], "the file name holds NUL (\\u0000); rename it")
+        raise HTTPException(status_code=422, detail=[problem])
     options = JobOptions()
     raw = form.get("options")
     if isinstance(raw, str) and raw.strip():

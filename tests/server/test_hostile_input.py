@@ -203,6 +203,26 @@ def test_hostile_input_is_a_4xx_naming_the_field_with_nothing_left_behind(
         assert client.get("/healthz").json()["status"] == "ok"
 
 
+def test_a_file_name_with_nul_is_refused_naming_the_field(svc: ServiceProcess) -> None:
+    # Sent as a raw client may (httpx and browsers would percent-encode the NUL).
+    line = json.dumps(GOOD).encode() + b"\n"
+    content = (
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a\x00b.jsonl"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + line + b"\r\n--XX--\r\n"
+    )
+    with svc.client() as client:
+        files, jobs = leftovers(svc), job_count(client)
+        response = client.post(
+            "/api/job/batch",
+            content=content,
+            headers={"Content-Type": "multipart/form-data; boundary=XX"},
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "file"]
+        assert leftovers(svc) == files
+        assert job_count(client) == jobs
+
+
 def test_a_symlink_loop_named_as_input_file_is_refused_with_400(svc: ServiceProcess) -> None:
     loop = svc.data_dir / "loop.jsonl"
     if not loop.is_symlink():
