@@ -26,8 +26,8 @@ from typing import IO, Any, BinaryIO
 
 import ijson
 
-MAX_DEPTH = 100  # nesting of a whole document; Gemini's own (protobuf) limit is 100
-MAX_INT = 2**63 - 1  # what JSON readers in other languages (and yajl) still take exactly
+MAX_DEPTH = 100  # nesting of a whole document (protobuf, behind Gemini, reads 100 levels)
+MAX_INT = 2**63 - 1  # 64-bit integers: what most JSON readers (yajl too) can hold
 MAX_OPTIONS_BYTES = 1024 * 1024  # everything but the requests, as multipart `options`
 MAX_REQUESTS = 1_000_000
 MAX_KEY_CHARS = 512
@@ -182,8 +182,6 @@ class _Requests:
     def close(self) -> None:
         if self._out is not None:
             self._out.close()
-        elif self.count:
-            self.path.touch()
 
 
 class _Reader:
