@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -516,7 +517,9 @@ class _Scan:
         self.tokens = 0
         self.lineno = 0
         # json.loads' own C scanner without the wrapper; one per scan, as it keeps a memo.
-        self.scan_json = make_scanner(json.JSONDecoder())
+        # Strict: NaN and Infinity are not JSON (Gemini refuses them).
+        self.decoder = json.JSONDecoder(parse_constant=_not_json_number)
+        self.scan_json = make_scanner(self.decoder)
 
     def problem(self, line: int | None, message: str) -> None:
         if len(self.problems) < self.max_problems:
@@ -546,7 +549,7 @@ class _Scan:
             pairs = zip(
                 lines, map(len, lines if text.isascii() else data.split(b"\n")), strict=True
             )
-        scan, loads, known = self.scan_json, json.loads, KNOWN_REQUEST_FIELDS.issuperset
+        scan, loads, known = self.scan_json, self.decoder.decode, KNOWN_REQUEST_FIELDS.issuperset
         first_line = self.first_line
         planner = self.planner
         room_bytes, room_requests, room_tokens = planner.room
@@ -572,6 +575,9 @@ class _Scan:
                         record = loads(line)  # raises "Extra data" with its column
                 except (StopIteration, ValueError, RecursionError):
                     record = self._parse_slowly(line, lineno)
+                if "\\u" in line and _SURROGATE_ESCAPE.search(line) and _half_pair(record):
+                    self.problem(lineno, _HALF_PAIR)
+                    record = _INVALID
             if record is _INVALID:
                 pass
             elif (  # what check_record accepts, in the shape almost every line has
@@ -608,9 +614,13 @@ class _Scan:
     def _parse_slowly(self, line: str, lineno: int) -> Any:
         """json.loads, for what the scanner refused: leading spaces, or a real error."""
         try:
-            return json.loads(line)
+            return self.decoder.decode(line)
         except json.JSONDecodeError as exc:
             self.problem(lineno, _bad_json(line, exc, lineno))
+        except _NotJsonNumber as exc:
+            self.problem(
+                lineno, f"{exc} is not a JSON number: write null, or the value as a string"
+            )
         except RecursionError:
             self.problem(lineno, "JSON nested too deeply to be a request")
         return _INVALID
@@ -635,6 +645,41 @@ class _Scan:
 
 
 _INVALID = object()  # a line already reported as not JSON
+
+
+class _NotJsonNumber(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON has no such numbers."""
+
+
+def _not_json_number(name: str) -> Any:
+    raise _NotJsonNumber(name)
+
+
+# An escape of a UTF-16 surrogate: the line holds an emoji written as a pair (fine), or
+# half of a pair, which decodes to a string that is not text (not UTF-8, refused by Gemini).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_HALF_PAIR = (
+    "a string holds half of a UTF-16 surrogate pair (an escape like \\ud800 without its "
+    "other half), which is not a character: write the whole pair, or the character itself"
+)
+
+
+def _half_pair(value: Any) -> bool:
+    """Whether a string anywhere in `value` (names included) holds an unpaired surrogate."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if type(item) is str:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif type(item) is dict:
+            pending.extend(item)
+            pending.extend(item.values())
+        elif type(item) is list:
+            pending.extend(item)
+    return False
 
 
 def _decode_lines(data: bytes, offset: int, newline: int) -> Iterator[tuple[str | _BadLine, int]]:

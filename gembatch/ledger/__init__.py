@@ -85,6 +85,13 @@ class LedgerFileError(UserError):
     """The ledger path cannot be read or written (a directory, no permission, ...)."""
 
 
+class UnstorableRecord(UserError, ValueError):
+    """A record holds what a database cannot keep, or could not give back as JSON: NaN or
+    Infinity, NUL (PostgreSQL text has none), half of a UTF-16 surrogate pair. The
+    service refuses these at its edge; the SQL ledger refuses them again, and writes
+    nothing, rather than fail inside the database."""
+
+
 def derive_id(record: Record) -> str:
     """The stable id of a record written without one (by the original tool)."""
     input_file = record.get("input_file")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -45,7 +46,14 @@ from gembatch.jobs import (
     JobStatus,
     parse_time,
 )
-from gembatch.ledger import LedgerFileError, LedgerSnapshot, Record, batch_names, record_id
+from gembatch.ledger import (
+    LedgerFileError,
+    LedgerSnapshot,
+    Record,
+    UnstorableRecord,
+    batch_names,
+    record_id,
+)
 from gembatch.ledger import migrations as m
 
 # The JSONL ledger's own status guard: both ledgers refuse exactly the same changes.
@@ -287,7 +295,7 @@ class SqlLedger:
                 row = rows.get(job_id)
                 if row is None:
                     continue
-                new = self._in(_normal(_with_id(record, job_id)))
+                new = self._in(_normal(_with_id(record, job_id), row.record))
                 _check_status_change(row.record, new)
                 planned.append((job_id, new))
             now = self.clock()
@@ -431,6 +439,8 @@ class SqlLedger:
     def get(self, job_id: str, user_id: str | None = None) -> Record | None:
         """The job, or None. With `user_id`, another user's job is None too ("not found":
         its existence is not revealed)."""
+        if _no_such_key(job_id, user_id):
+            return None
         where = m.jobs.c.id == job_id
         if user_id is not None:
             where = sa.and_(where, m.jobs.c.user_id == user_id)
@@ -451,6 +461,8 @@ class SqlLedger:
         """The job's public status as JSON text (what `view` gave at its last change), or
         None when there is no such job (or it is another user's). One indexed read of
         one column; on SQLite over a connection of this thread's own, without the pool."""
+        if _no_such_key(job_id, user_id):
+            return None
         if self._sqlite_path is not None:
             row = (
                 self._raw_sqlite()
@@ -609,11 +621,15 @@ class SqlLedger:
 
     def last_seq(self, job_id: str) -> int | None:
         """The seq of the job's latest event (0: none yet); None: no such job."""
+        if _no_such_key(job_id):
+            return None
         query = sa.select(m.jobs.c.last_seq).where(m.jobs.c.id == job_id)
         return self._run(lambda conn: conn.execute(query).scalar_one_or_none(), write=False)
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
         """The job's events with seq > `after_seq`, in seq order (SSE replay)."""
+        if _no_such_key(job_id) or after_seq > _INT_MAX:
+            return []
         query = (
             sa.select(m.job_events)
             .where(m.job_events.c.job_id == job_id, m.job_events.c.seq > after_seq)
@@ -711,6 +727,8 @@ class SqlLedger:
     ) -> bool:
         """Queue `payload` for POSTing to `url`; False if (event_id, url) is queued
         already (so a notifier that restarts does not notify twice)."""
+        if _no_such_key(url, job_id):
+            raise UnstorableRecord(f"a webhook URL or job id holds NUL (\\u0000): {url!r:.200}")
         key = (m.deliveries.c.event_id == event_id, m.deliveries.c.url == url)
 
         def work(conn: Connection) -> bool:
@@ -1112,7 +1130,9 @@ class SqlLedger:
                 result.records[job_id] = self._out(copy_record(row.record))
                 continue
             try:
-                new = self._in(_normal(_with_id(new, job_id)))  # raises unless a JSON object
+                new = self._in(
+                    _normal(_with_id(new, job_id), row.record)
+                )  # raises unless an object
                 _check_status_change(row.record, new)
             except InvalidTransition as exc:
                 result.errors[job_id] = exc
@@ -1446,9 +1466,45 @@ def _split(record: Record) -> tuple[Record, list[Any]]:
     return {**record, "tasks": []}, tasks
 
 
-def _normal(record: Record) -> Record:
-    """The record as the database will give it back (JSON types only)."""
-    return json.loads(json.dumps(record))
+def _normal(record: Record, was: Record | None = None) -> Record:
+    """The record as the database will give it back (JSON types only); UnstorableRecord
+    for what no database here can store and serve back as JSON. An update of a row that
+    held such a value already (written by an older version) is let through as before:
+    refusing it would stop the job for ever."""
+    if was is not None:
+        try:
+            return _normal(record)
+        except UnstorableRecord:
+            try:
+                _normal(was)
+            except UnstorableRecord:
+                return json.loads(json.dumps(record))
+            raise
+    try:
+        text = json.dumps(record, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # fails on an unpaired surrogate
+    except UnicodeEncodeError:
+        raise UnstorableRecord(f"job {_shown_id(record)}: {_HALF_PAIR}") from None
+    except ValueError as exc:  # NaN or Infinity: not JSON
+        raise UnstorableRecord(f"job {_shown_id(record)}: {exc}") from None
+    if _NUL_ESCAPE.search(text):
+        raise UnstorableRecord(f"job {_shown_id(record)}: a value holds NUL (\\u0000)")
+    return json.loads(text)
+
+
+# `\u0000` where it is an escape: after an even run of backslashes (none counts).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_HALF_PAIR = "a string holds half of a UTF-16 surrogate pair (not a character)"
+
+
+def _no_such_key(*keys: str | None) -> bool:
+    """Keys no row can have (NUL: PostgreSQL text cannot hold it, and the query would
+    fail); asked for, they are simply not found."""
+    return any(key is not None and "\x00" in key for key in keys)
+
+
+def _shown_id(record: Record) -> str:
+    return repr(record.get("id"))[:80]
 
 
 def _with_id(record: Record, job_id: str) -> Record:

@@ -33,7 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gembatch import __version__
 from gembatch.engine import reducers
 from gembatch.engine.engine import Engine, EngineSettings
-from gembatch.server import auth
+from gembatch.ledger import UnstorableRecord
+from gembatch.server import auth, body
 from gembatch.server.hub import EventHub, stream_job
 from gembatch.server.models import (
     AuditLogModel,
@@ -50,7 +51,7 @@ from gembatch.server.models import (
     UpdateBatchJobData,
 )
 from gembatch.server.request_guard import RequestGuard
-from gembatch.server.service import JobService
+from gembatch.server.service import JobService, possible_job_id
 from gembatch.server.settings import ServerSettings
 from gembatch.server.views import job_status
 from gembatch.server.worker import ServiceWorker
@@ -79,6 +80,13 @@ CREATE_BODY_DOC = {
                 }
             },
         },
+    }
+}
+# `/job-operations` reads its body itself too (gembatch.server.body), for the same limits.
+OPERATION_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobOperation"}}},
     }
 }
 
@@ -179,6 +187,12 @@ def create_app(
             {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
 
+    @app.exception_handler(UnstorableRecord)
+    async def unstorable(request: Request, exc: UnstorableRecord) -> JSONResponse:
+        # The edge (gembatch.server.body) refuses these first; this is the second line.
+        problem = body.problem(["body"], f"cannot be stored: {exc}", "unstorable")
+        return JSONResponse({"detail": [problem]}, status_code=422)
+
     # -- create ------------------------------------------------------------------------------
     async def create(request: Request) -> tuple[str, list[str]]:
         user = auth.user_for(request)
@@ -187,15 +201,9 @@ def create_app(
             return await _create_from_upload(request, user, service, settings)
         if content_type.split(";")[0].strip() in JSONL_TYPES:
             return await _create_from_jsonl_body(request, user, service, settings)
-        try:
-            payload = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPException(status_code=400, detail="the body must be JSON") from None
-        try:
-            body = CreateJobBody.model_validate(payload)
-        except ValidationError as exc:
-            raise HTTPException(status_code=422, detail=_errors(exc)) from None
-        return await service.create_from_body(user, body)
+        job_id = reducers.new_job_id()
+        document, target = await _read_body(request, settings, job_id, ("requests",))
+        return await _create_from_document(service, user, job_id, document, target)
 
     @app.post(
         "/api/job/batch",
@@ -231,7 +239,7 @@ def create_app(
     async def status(job_id: str, request: Request) -> Any:
         """The job's status (seed 003's JobStatus)."""
         user = auth.user_for(request)
-        if not stored_views:
+        if not stored_views or not possible_job_id(job_id):
             return job_status(await service.job(job_id, user))
         # The hot path of every polling browser: the status JSON the ledger stored with the
         # job's last change, sent as it is (one indexed read; on SQLite without a thread).
@@ -338,33 +346,47 @@ def create_app(
         deleted = await service.cleanup(auth.user_for(request), max_age_hours)
         return {"deleted": deleted, "count": len(deleted)}
 
-    @app.post("/job-operations", responses={400: {}, 404: {}, 409: {}, 422: {}})
-    async def job_operations(operation: JobOperation, request: Request) -> dict[str, Any]:
+    @app.post(
+        "/job-operations",
+        openapi_extra=OPERATION_BODY_DOC,
+        responses={400: {}, 404: {}, 409: {}, 422: {}},
+    )
+    async def job_operations(request: Request) -> dict[str, Any]:
         """Seed 004's operations: `createJob`, `updateBatchJob`, `deleteJob`."""
         user = auth.user_for(request)
+        job_id = reducers.new_job_id()
+        document, target = await _read_body(request, settings, job_id, ("data", "requests"))
         try:
+            if not isinstance(document, dict):
+                raise HTTPException(status_code=422, detail=[body.problem(
+                    ["body"], 'the body must be an object {"action": ..., "data": {...}}',
+                    "dict_type")])  # fmt: skip
+            try:
+                operation = JobOperation.model_validate(document)
+            except ValidationError as exc:
+                raise HTTPException(status_code=422, detail=_errors(exc)) from None
             if operation.action == "createJob":
-                body = CreateJobBody.model_validate(operation.data)
-                try:
-                    job_id, warnings = await service.create_from_body(user, body)
-                except HTTPException as exc:
-                    # The service names fields of a create body (`body.requests.3`); here
-                    # that body is the operation's `data`.
-                    exc.detail = _under_data(exc.detail)
-                    raise
+                created, warnings = await _create_from_document(
+                    service, user, job_id, operation.data, target, ("body", "data")
+                )
                 return {
-                    "job_id": job_id,
+                    "job_id": created,
                     "status": "pending",
-                    "message": f"Batch job created. Poll /api/job/{job_id}/status for progress.",
+                    "message": f"Batch job created. Poll /api/job/{created}/status for progress.",
                     "warnings": warnings,
                 }
+            target.unlink(missing_ok=True)  # requests given to another action: refused below
             if operation.action == "updateBatchJob":
                 data = UpdateBatchJobData.model_validate(operation.data)
                 return job_status(await service.update(user, data))
             delete = DeleteJobData.model_validate(operation.data)
             return await service.delete(user, delete.job_id, delete.force)
         except ValidationError as exc:
+            target.unlink(missing_ok=True)
             raise HTTPException(status_code=422, detail=_errors(exc, ("body", "data"))) from None
+        except Exception:
+            target.unlink(missing_ok=True)
+            raise
 
     # -- operations --------------------------------------------------------------------------
     @app.get("/healthz", response_model=HealthModel)
@@ -427,15 +449,27 @@ async def _create_from_upload(
         raise HTTPException(status_code=422, detail=[{"loc": ["body", "file"],
                             "msg": "a file field named `file` is required",
                             "type": "missing"}])  # fmt: skip
+    if "\x00" in (upload.filename or ""):  # it becomes the job's display name
+        problem = body.problem(["body", "file"], "the file name holds NUL (\\u0000); rename it")
+        raise HTTPException(status_code=422, detail=[problem])
     options = JobOptions()
     raw = form.get("options")
     if isinstance(raw, str) and raw.strip():
+        where = ("body", "options")
         try:
-            options = JobOptions.model_validate(json.loads(raw))
-        except json.JSONDecodeError:
-            raise HTTPException(status_code=422, detail="`options` must be a JSON object") from None
+            document = body.read_bytes(raw.encode("utf-8", "surrogatepass"), where)
+        except body.BodyRefused as exc:
+            detail = exc.detail
+            if exc.status == 400:  # not JSON: a problem of this field, not of the body
+                detail = [body.problem(list(where), detail.replace("the body", "`options`"))]
+            raise HTTPException(status_code=422, detail=detail) from None
+        if not isinstance(document, dict):
+            raise HTTPException(status_code=422, detail=[body.problem(
+                list(where), "`options` must be a JSON object", "dict_type")])  # fmt: skip
+        try:
+            options = JobOptions.model_validate(document)
         except ValidationError as exc:
-            raise HTTPException(status_code=422, detail=_errors(exc, ("body", "options"))) from None
+            raise HTTPException(status_code=422, detail=_errors(exc, where)) from None
     job_id = reducers.new_job_id()
     target = settings.inputs_dir / f"{job_id}.jsonl"
     try:
@@ -468,10 +502,74 @@ async def _create_from_jsonl_body(
     return await service.create_from_upload(user, job_id, target, f"{job_id}.jsonl", JobOptions())
 
 
+async def _read_body(
+    request: Request, settings: ServerSettings, job_id: str, requests_at: tuple[str, ...]
+) -> tuple[Any, Path]:
+    """The JSON body, spooled to disk and read with limits (gembatch.server.body). Inline
+    requests found at `requests_at` become the job's input file, `inputs/<job_id>.jsonl`
+    (returned; it exists only when there were requests)."""
+    target = settings.inputs_dir / f"{job_id}.jsonl"
+    spooled, guard = await body.spool(request.stream(), settings.inputs_dir)
+    reading = asyncio.ensure_future(
+        asyncio.to_thread(
+            body.read_spooled, spooled, guard, requests_at=requests_at, requests_file=target
+        )
+    )
+    try:
+        document = await asyncio.shield(reading)
+    except body.BodyRefused as exc:
+        raise HTTPException(status_code=exc.status, detail=exc.detail) from None
+    except asyncio.CancelledError:  # the thread goes on: what it writes is removed after
+        reading.add_done_callback(lambda _: target.unlink(missing_ok=True))
+        raise
+    return document, target
+
+
+# What pydantic checks in place of requests already on disk: the list's length decides
+# (none: "at least 1 item"); each request was checked as it was written.
+_STAND_IN = {"request": {}}
+
+
+async def _create_from_document(
+    service: JobService,
+    user: str,
+    job_id: str,
+    document: Any,
+    target: Path,
+    loc: tuple[str, ...] = ("body",),
+) -> tuple[str, list[str]]:
+    """A create body read by `_read_body` (at `loc` of the request's body): its options
+    checked, then the job created. Refused: nothing is left in `inputs/`."""
+    try:
+        if not isinstance(document, dict):
+            raise HTTPException(status_code=422, detail=[body.problem(
+                list(loc), "a create body is a JSON object", "dict_type")])  # fmt: skip
+        requests = document.get("requests")
+        spilled = isinstance(requests, body.Spilled)
+        if spilled:
+            document = {**document, "requests": [_STAND_IN] * min(1, requests.count)}
+        try:
+            options = CreateJobBody.model_validate(document)
+        except ValidationError as exc:
+            raise HTTPException(status_code=422, detail=_errors(exc, loc)) from None
+        try:
+            return await service.create_from_body(
+                user, options, job_id, target if spilled else None
+            )
+        except HTTPException as exc:
+            if loc != ("body",):  # the service names fields of a create body at `body`
+                exc.detail = _under_data(exc.detail)
+            raise
+    except Exception:
+        target.unlink(missing_ok=True)
+        raise
+
+
 def _describe_create_body(app: FastAPI) -> None:
-    """The create endpoints read their body by hand (JSON, multipart or raw JSONL), so
-    FastAPI never registers `CreateJobBody`; add it, and the models it uses, to the
-    schema's components so `CREATE_BODY_DOC`'s reference resolves for clients and tools."""
+    """The create endpoints and `/job-operations` read their body by hand (JSON with
+    limits, multipart or raw JSONL), so FastAPI never registers `CreateJobBody` and
+    `JobOperation`; add them, and the models they use, to the schema's components so the
+    references of `CREATE_BODY_DOC` and `OPERATION_BODY_DOC` resolve for clients and tools."""
     from pydantic.json_schema import models_json_schema
 
     build = app.openapi
@@ -480,7 +578,8 @@ def _describe_create_body(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = build()
             _, definitions = models_json_schema(
-                [(CreateJobBody, "validation")], ref_template="#/components/schemas/{model}"
+                [(CreateJobBody, "validation"), (JobOperation, "validation")],
+                ref_template="#/components/schemas/{model}",
             )
             known = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in definitions.get("$defs", {}).items():
@@ -516,17 +615,28 @@ def _link_created_job(schema: dict[str, Any]) -> None:
         }
 
 
+# Event numbers are a job's own sequence (a PostgreSQL INTEGER). A larger Last-Event-ID was
+# never sent by this service: 400, rather than "after the end", which on a running job
+# would be a stream that waits for ever for events it will never have.
+MAX_EVENT_ID = 2**31 - 1
+
+
 def _last_event_id(request: Request) -> int | None:
     value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if value is None or value == "":
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise HTTPException(status_code=400, detail="Last-Event-ID must be a number") from None
-    if number < 0:
+    value = value.strip()
+    if value.startswith("-") and value[1:].isdecimal():
         raise HTTPException(status_code=400, detail="Last-Event-ID must not be negative")
-    return number
+    if not (value.isascii() and value.isdecimal()):
+        raise HTTPException(status_code=400, detail="Last-Event-ID must be a number")
+    if len(value) > 10 or int(value) > MAX_EVENT_ID:
+        raise HTTPException(
+            status_code=400,
+            detail=f"Last-Event-ID {value[:20]} is not an event of this service (they are "
+            f"numbered from 1 to at most {MAX_EVENT_ID}): reconnect without it",
+        )
+    return int(value)
 
 
 def _under_data(detail: Any) -> Any:

@@ -42,6 +42,7 @@ import httpx
 from gembatch import __version__
 from gembatch.gemini.errors import scrub
 from gembatch.jobs import RetryConfig
+from gembatch.ledger import UnstorableRecord
 from gembatch.retry import backoff
 from gembatch.server.events import COMPLETED, ERROR, TERMINAL_EVENTS
 from gembatch.server.views import api_time
@@ -199,9 +200,12 @@ class Notifier:
                 if not _is_http_url(url):
                     _log.warning("not notifying %s: not an http(s) URL", safe_url(url))
                     continue
-                self.ledger.enqueue_delivery(
-                    event.id, event.job_id, url, payload, next_at=self._clock()
-                )
+                try:
+                    self.ledger.enqueue_delivery(
+                        event.id, event.job_id, url, payload, next_at=self._clock()
+                    )
+                except UnstorableRecord as exc:  # this row only: the others still go out
+                    _log.warning("not notifying %s: %s", safe_url(url), exc)
 
     # -- sending -----------------------------------------------------------------------
     async def send_due(self) -> bool:
@@ -327,8 +331,8 @@ def _notifiable(event: Any) -> bool:
 
 
 def _is_http_url(url: Any) -> bool:
-    if not isinstance(url, str):
-        return False
+    if not isinstance(url, str) or any(c <= " " or c == "\x7f" for c in url):
+        return False  # a control character (NUL, ...) or a space: not a URL to send to
     try:
         parts = urlsplit(url)
     except ValueError:

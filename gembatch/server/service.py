@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 
-from gembatch.engine import reducers
 from gembatch.engine.engine import Engine
 from gembatch.inputs import InputInvalid, SplitLimits, validate_file
 from gembatch.jobs import InvalidTransition, Job, JobStatus, RetryConfig
@@ -56,8 +55,19 @@ RESOURCE_NOTE = (
 )
 
 
+# Any job id this service made or will make (`j` + 16 hex digits), and more. Anything else
+# (NUL, spaces, control characters) is not found without asking the database, which may
+# not even be able to hold it: PostgreSQL text has no NUL.
+_POSSIBLE_JOB_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def possible_job_id(job_id: str) -> bool:
+    """Whether `job_id` (from a path or a body) can name a job at all."""
+    return _POSSIBLE_JOB_ID.fullmatch(job_id) is not None
+
+
 def not_found(job_id: str) -> HTTPException:
-    return HTTPException(status_code=404, detail=f"Job not found: {job_id}")
+    return HTTPException(status_code=404, detail=f"Job not found: {job_id[:128]}")
 
 
 class JobService:
@@ -80,6 +90,8 @@ class JobService:
 
     # -- reading -----------------------------------------------------------------------------
     async def job(self, job_id: str, user: str) -> Job:
+        if not possible_job_id(job_id):
+            raise not_found(job_id)
         record = await asyncio.to_thread(self.ledger.get, job_id, self._scope(user))
         if record is None:
             raise not_found(job_id)
@@ -90,11 +102,14 @@ class JobService:
         return None if self.settings.single_user else user
 
     # -- create ------------------------------------------------------------------------------
-    async def create_from_body(self, user: str, body: CreateJobBody) -> tuple[str, list[str]]:
-        job_id = reducers.new_job_id()
+    async def create_from_body(
+        self, user: str, body: CreateJobBody, job_id: str, requests_file: Path | None
+    ) -> tuple[str, list[str]]:
+        """A create body already read (gembatch.server.body): its inline requests are in
+        `requests_file` (one JSONL line each), or it names an `input_file`."""
         target = self.settings.inputs_dir / f"{job_id}.jsonl"
         if body.requests is not None:
-            await asyncio.to_thread(_write_requests, body.requests, target)
+            assert requests_file is not None and requests_file == target
             label = f"inline-{job_id}.jsonl"
         else:
             source = self._inside_data_dir(body.input_file or "")
@@ -175,18 +190,22 @@ class JobService:
             "notify_url": options.notify_url,
             "resource_limits": limits.model_dump() if limits else None,
         }
-        await asyncio.to_thread(
-            self.engine.add_jobs,
-            [validated],
-            model=model,
-            priority=options.priority,
-            retry_config=retry,
-            max_parallel_tasks=options.max_parallel_tasks,
-            force=True,
-            job_ids=[job_id],
-            extra=extra,
-            result_files=[str(self.results_dir / f"{job_id}.jsonl")],
-        )
+        try:
+            await asyncio.to_thread(
+                self.engine.add_jobs,
+                [validated],
+                model=model,
+                priority=options.priority,
+                retry_config=retry,
+                max_parallel_tasks=options.max_parallel_tasks,
+                force=True,
+                job_ids=[job_id],
+                extra=extra,
+                result_files=[str(self.results_dir / f"{job_id}.jsonl")],
+            )
+        except Exception:  # refused by the ledger (a value it cannot store)
+            target.unlink(missing_ok=True)
+            raise
         self.wake()
         return job_id, warnings
 
@@ -235,7 +254,8 @@ class JobService:
             inside = candidate == root or root in candidate.parents
             internal = inside and self._internal(root, candidate)
             found = inside and not internal and candidate.is_file()
-        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+        # A name too long, a NUL byte; a symlink loop (RuntimeError before Python 3.13).
+        except (OSError, ValueError, RuntimeError) as exc:
             # The reason alone: an OSError's text names the path as the server sees it.
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise HTTPException(
@@ -451,13 +471,6 @@ def _sqlite_path(db_url: str) -> Path | None:
         return None
     path = db_url.removeprefix(prefix).split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
-
-
-def _write_requests(items: list[Any], target: Path) -> None:
-    with open(target, "w", encoding="utf-8") as handle:
-        for n, item in enumerate(items, 1):
-            line = {"key": item.key or f"request-{n}", "request": item.request}
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def _copy_input(source: Path, target: Path) -> None:

@@ -328,6 +328,45 @@ def test_deeply_nested_json_is_a_problem_not_a_crash(batch: Path) -> None:
 # -- limits on the report -------------------------------------------------------------
 
 
+def test_half_a_surrogate_pair_is_a_problem_with_its_line(batch: Path) -> None:
+    # json.loads reads "\\ud800" as a lone surrogate: a string no UTF-8 file (and no
+    # Gemini request) can hold. A whole pair, or an escaped backslash before "ud800", is
+    # fine.
+    def text(value: str) -> str:
+        return '{"key": "k", "request": {"contents": [{"parts": [{"text": "' + value + '"}]}]}}'
+
+    write(
+        batch / "a.jsonl",
+        line("k1"),
+        text("x \\ud800").replace('"k"', '"k2"'),
+        text("\\ud83d\\ude00 and \\\\ud800").replace('"k"', '"k3"'),
+        '{"key": "\\udfff", "request": {"contents": [{"parts": [{"text": "x"}]}]}}',
+        text("\\ud83d\\\\ude00").replace('"k"', '"k5"'),
+    )
+    problems = problems_of("batch/a.jsonl")
+    assert [p.split(": ", 1)[0] for p in problems] == [
+        "batch/a.jsonl:2", "batch/a.jsonl:4", "batch/a.jsonl:5",
+    ]  # fmt: skip
+    assert all("surrogate pair" in p and "whole pair" in p for p in problems)
+
+
+def test_nan_and_infinity_are_problems_with_their_line(batch: Path) -> None:
+    write(
+        batch / "a.jsonl",
+        line("k1"),
+        '{"key": "k2", "request": {"contents": [{"parts": [{"text": "x"}]}], '
+        '"generation_config": {"temperature": NaN}}}',
+        '{"key": "k3", "request": {"contents": [{"parts": [{"text": "x"}]}], '
+        '"generation_config": {"seed": -Infinity}}}',
+        line("k4", {"contents": [{"parts": [{"text": "NaN"}]}]}),
+    )
+    problems = problems_of("batch/a.jsonl")
+    assert problems == [
+        "batch/a.jsonl:2: NaN is not a JSON number: write null, or the value as a string",
+        "batch/a.jsonl:3: -Infinity is not a JSON number: write null, or the value as a string",
+    ]
+
+
 def test_problems_stop_at_max_problems_and_the_rest_are_counted(batch: Path) -> None:
     write(batch / "a.jsonl", *["not json"] * 30)
 

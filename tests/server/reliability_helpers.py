@@ -47,10 +47,11 @@ class Services:
         *args: str,
         env: Mapping[str, str] | None = None,
         name: str | None = None,
+        db_url: str | None = None,
     ) -> ServiceProcess:
         workdir = self.root / (name or f"service-{len(self.started)}")
         environment = {**emu.client_env(), "GEMBATCH_ENGINE": FAST_ENGINE, **(env or {})}
-        svc = ServiceProcess(workdir, env=environment, args=[*SERVICE_ARGS, *args])
+        svc = ServiceProcess(workdir, env=environment, args=[*SERVICE_ARGS, *args], db_url=db_url)
         self.started.append(svc)
         return svc.start()
 

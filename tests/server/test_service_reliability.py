@@ -510,7 +510,7 @@ def _schemathesis(
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(toml),
         "run", f"{svc.base_url}/openapi.json", "--url", svc.base_url,
-        "--checks", "not_a_server_error", "--max-examples", "25", "--request-timeout", "10",
+        "--checks", "not_a_server_error", "--max-examples", "25", "--request-timeout", "30",
         "--no-color", "--report", "har", "--report-dir", str(workdir), *selection,
     ]  # fmt: skip
     run = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=240)
@@ -557,11 +557,24 @@ def _dangling_refs(schema: dict[str, Any]) -> list[str]:
     return sorted(set(found))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def schemathesis_db(request: pytest.FixtureRequest) -> str | None:
+    """The service's own SQLite file (None), or a PostgreSQL schema of the test's own."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgresql_url"))
+
+
+# `schemathesis_db` comes first: fixtures are torn down in reverse order, so the service
+# stops before its PostgreSQL schema is dropped.
 def test_schemathesis_finds_no_server_error_in_the_served_schema(
-    emulator_factory: EmulatorFactory, services: Services, tmp_path: Path
+    schemathesis_db: str | None,
+    emulator_factory: EmulatorFactory,
+    services: Services,
+    tmp_path: Path,
 ) -> None:
     emu = emulator_factory({"clock": FAST_CLOCK})
-    svc = services(emu, "--max-live-batches", "60")
+    svc = services(emu, "--max-live-batches", "60", db_url=schemathesis_db)
     with svc.client() as client:
         # A name longer than the file system allows once answered 500 (ENAMETOOLONG).
         overlong = client.post("/api/job/batch", json={"input_file": "x" * 300})
