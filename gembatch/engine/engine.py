@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from gembatch import fsutil
 from gembatch.engine import reducers
 from gembatch.engine.owner import current_owner, is_mine, owner_alive
+from gembatch.failpoints import failpoint
 from gembatch.gemini.errors import Classified, classify, error_info
 from gembatch.gemini.remote import Remote
 from gembatch.inputs import ValidatedInput, iter_keys, open_range, write_subset
@@ -624,10 +625,12 @@ class Engine:
     async def _create(self, job: Job, index: int) -> StartOutcome:
         task = job.task(index)
         assert task.uploaded_file_name and job.model
+        failpoint("create.before_call")
         try:
             batch = await self.remote.create_batch(
                 job.model, task.uploaded_file_name, task.display_name
             )
+            failpoint("create.after_answer")
         except Exception as exc:
             classified = classify(exc)
             if not classified.definitive:
