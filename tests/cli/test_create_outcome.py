@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gembatch.emulator.process import EmulatorProcess
-from tests.cli.helpers import FAST_ENGINE, gembatch, keys_of, ledger, request_file, results_of
+from tests.cli.helpers import (
+    FAST_ENGINE,
+    Background,
+    gembatch,
+    keys_of,
+    ledger,
+    request_file,
+    results_of,
+)
 from tests.conftest import wait_for
 
 FAST = {"clock": {"pending_seconds": 0.3, "running_seconds": 1.0}}
@@ -31,52 +36,6 @@ RETRY_FAST = ("--retry-interval", "0.3", "--max-attempts", "10")
 
 def _engine(**settings: Any) -> str:
     return json.dumps({**json.loads(FAST_ENGINE), **settings})
-
-
-class Command:
-    """`gembatch ARGS` running in the background, its output lines collected as they come."""
-
-    def __init__(self, emulator: EmulatorProcess, cwd: Path, *args: str, **env: str) -> None:
-        environment = {**os.environ, "GEMBATCH_ENGINE": FAST_ENGINE, **emulator.client_env()}
-        environment.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gembatch", *args],
-            cwd=cwd,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def errors(self) -> list[str]:
-        return [line for line in self.lines if " error: " in line]
-
-    def stopped(self) -> bool:
-        """Stopped by SIGSTOP (state T in /proc)."""
-        with open(f"/proc/{self.proc.pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "T"
-
-    def wait(self, timeout: float = 120) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout=10)
-        return code
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.wait()
 
 
 def _one_batch_per_task_and_nothing_left(emulator: EmulatorProcess, *inputs: Path) -> None:
@@ -124,7 +83,7 @@ def test_submit_killed_at_any_step_of_a_create_leaves_one_batch_per_task(
     env = {"GEMBATCH_ENGINE": engine}
     # b waits behind the one live batch a's create may have made.
     args = ("submit", "--max-live-batches", "1", "a.jsonl", "b.jsonl")
-    submit = Command(emulator, tmp_path, *args, GEMBATCH_FAILPOINT=point or "", **env)
+    submit = Background(emulator, tmp_path, *args, GEMBATCH_FAILPOINT=point or "", **env)
     if point is None:  # killed while its create is outstanding
         wait_for(lambda: emulator.stats()["calls"].get("batches.create") == 1, timeout=60)
         submit.kill()
@@ -158,13 +117,13 @@ OUTAGES: dict[str, tuple[str | None, dict[str, Any] | None, str]] = {
 
 def _start_create_into_an_outage(
     emulator: EmulatorProcess, tmp_path: Path, window: str, env: dict[str, str]
-) -> Command:
+) -> Background:
     """`gembatch submit a.jsonl` whose create meets the emulator going down at `window`;
     returns the submit once it has ended (the emulator still down)."""
     point, fault, seen = OUTAGES[window]
     if fault is not None:
         emulator.set_config({"faults": {"rules": [{"endpoint": "batches.create", **fault}]}})
-    submit = Command(
+    submit = Background(
         emulator, tmp_path, "submit", *RETRY_FAST, "a.jsonl", GEMBATCH_FAILPOINT=point or "", **env
     )
     if seen == "stopped":
@@ -203,7 +162,7 @@ def test_an_outage_at_any_step_of_a_create_leaves_one_batch_per_task(
         assert "create outcome unknown" in " ".join(table.split())
 
     # Polls through the outage: many failed tries (more than any retry loop allows) ...
-    poll = Command(emulator, tmp_path, "poll", "--interval", "0.2", **env)
+    poll = Background(emulator, tmp_path, "poll", "--interval", "0.2", **env)
     try:
         wait_for(lambda: len(poll.errors()) >= 4, timeout=60)
         (record,) = ledger(tmp_path)
