@@ -365,9 +365,10 @@ class Engine:
     async def reconcile(self, report: CycleReport) -> None:
         """Hand back claims whose owner died (a create becomes one whose outcome is
         unknown), then settle unknown creates by listing the remote batches."""
+        jobs = await self._jobs()
         stale = [
             (job, task)
-            for job in await self._jobs()
+            for job in jobs
             for task in job.tasks
             if task.state in (TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING)
             and not is_mine(task.owner, self.owner)
@@ -375,7 +376,8 @@ class Engine:
         ]
         if stale:
             await self._release_stale(report, stale)
-        await self._settle_unknown_creates(report)
+            jobs = await self._jobs()
+        await self._settle_unknown_creates(report, jobs)
 
     async def _release_stale(self, report: CycleReport, stale: list[tuple[Job, Any]]) -> None:
         now = self.clock()
@@ -428,7 +430,7 @@ class Engine:
         result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
         _report_apply_errors(result, report)
 
-    async def _settle_unknown_creates(self, report: CycleReport) -> None:
+    async def _settle_unknown_creates(self, report: CycleReport, jobs: list[Job]) -> None:
         """Look for the batches of creates whose outcome is unknown, in ONE complete listing
         (every page: a listing that fails anywhere changes nothing). Listed: the task has
         its batch. Not listed by a listing begun at least `create_grace_seconds` after the
@@ -438,7 +440,7 @@ class Engine:
         now = self.clock()
         due = [
             (job, task)
-            for job in await self._jobs()
+            for job in jobs
             for task in job.tasks
             if task.state is TaskState.CREATE_UNKNOWN
             and (task.not_before is None or task.not_before <= now)
