@@ -45,7 +45,6 @@ from gembatch.jobs import (
     TaskInput,
     TaskState,
     now_iso,
-    parse_time,
 )
 from gembatch.ledger import Record
 from gembatch.results import failed_keys, key_outcomes, merge_results, verify_output
@@ -392,15 +391,15 @@ class Engine:
         for job, task in stale:
             fence = _fence(job, task.index)
             if task.state is TaskState.CREATING:
-                # Its create may have been sent, and may even be in flight still (a stalled
-                # holder): from when it was sent (`intent_at`), a listing settles it.
-                sent = parse_time((task.owner or {}).get("intent_at"))
+                # Its create may have been sent, and may be in flight still (a holder that
+                # stalled, a request inside Gemini): the grace counts from now, the first
+                # moment its sender is known to have stopped waiting.
                 change = self._change(
                     reducers.create_unknown,
                     task.index,
                     now,
                     look_at=now,
-                    since=sent if sent is not None else now,
+                    since=now,
                     why="its process stopped before the outcome was recorded",
                     fence=fence,
                 )
@@ -467,10 +466,11 @@ class Engine:
                     now=now,
                 )
                 delay = max(classified.retry_after or 0.0, self._look_backoff(task))
+                change = self._change(
+                    reducers.create_unknown, task.index, now, look_at=now + delay, error=info
+                )
                 changes.setdefault(job.id, []).append(
-                    self._change(
-                        reducers.create_unknown, task.index, now, look_at=now + delay, error=info
-                    )
+                    _while_unknown(change, task.index, task.display_name)
                 )
                 report.errors.append((job.id, f"{job.input_file}: {info.message}"))
             result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
@@ -506,7 +506,9 @@ class Engine:
                     now,
                     f"no batch named {task.display_name} in a complete listing",
                 )
-            changes.setdefault(job.id, []).append(change)
+            changes.setdefault(job.id, []).append(
+                _while_unknown(change, task.index, task.display_name)
+            )
         result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
         _report_apply_errors(result, report)
 
@@ -1422,6 +1424,19 @@ def _link_single_part(
         return False
     fsutil.fsync_dir(result_file.parent)
     return True
+
+
+def _while_unknown(change: Change, index: int, name: str) -> Change:
+    """`change`, unless the task's create was settled meanwhile (by another server that
+    listed the same batches): then nothing, quietly."""
+
+    def guarded(record: Record) -> Record | None:
+        task = Job.from_record(record).task(index)
+        if task.state is not TaskState.CREATE_UNKNOWN or task.display_name != name:
+            return None
+        return change(record)
+
+    return guarded
 
 
 def _chain(changes: list[Change]) -> Change:

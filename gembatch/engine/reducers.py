@@ -144,8 +144,8 @@ def renew_lease(
     job: Job, index: int, until: float, now: float | None = None, *, intent: bool = False
 ) -> Job:
     """The claim's holder is still working on it: its lease now ends at `until`. With
-    `intent`, the create is about to be sent now (`intent_at`: how long a create whose
-    sender vanished may still be in flight is counted from here)."""
+    `intent`, the create is about to be sent now (`intent_at` records when; a create whose
+    sender vanished is then looked for as one whose outcome is unknown)."""
     task = job.task(index)
     if isinstance(task.owner, dict):
         task.owner = {**task.owner, "lease_until": until}
