@@ -185,6 +185,11 @@ def test_an_outage_at_any_step_of_a_create_leaves_one_batch_per_task_in_the_serv
             assert 'gembatch_task_states{state="create_unknown"} 1' in text
         (record,) = ledger_records(svc.db_url, [job]).values()
         assert record["tasks"][0]["attempt"] == 1 or window == "before_the_call"
+    if window == "during_the_call_after_the_batch_is_made":
+        svc.kill()  # the unknown outcome outlives the process that met it
+        svc.start()
+        with svc.client() as client:
+            assert status_of(client, job)["detailed_status"]["create_outcome_unknown"] == 1
     emu.start()  # ... then it is back, with what it made before
 
     _one_batch_per_task_and_nothing_left(emu, svc, [job])
