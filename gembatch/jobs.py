@@ -80,6 +80,10 @@ class TaskState(StrEnum):
     UPLOADING = "uploading"  # claimed; the input is being uploaded
     UPLOADED = "uploaded"  # input file uploaded; no batch yet
     CREATING = "creating"  # intent recorded (display name) before batches.create
+    # The create was sent and nothing says whether the batch exists (no answer, a 5xx, its
+    # sender died): only a complete listing of remote batches settles it, however long
+    # Gemini stays unreachable. Holds a live batch (it may be one) and its uploaded input.
+    CREATE_UNKNOWN = "create_unknown"
     SUBMITTED = "submitted"  # the remote batch exists: pending or running on Gemini
     SUCCEEDED = "succeeded"  # remote SUCCEEDED; results not downloaded yet
     DOWNLOADING = "downloading"  # claimed; results being streamed to disk
@@ -95,7 +99,7 @@ class TaskState(StrEnum):
 
 TASK_TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 # Tasks that hold one of the live remote batches counted against the global limit.
-TASK_LIVE = frozenset({TaskState.CREATING, TaskState.SUBMITTED})
+TASK_LIVE = frozenset({TaskState.CREATING, TaskState.CREATE_UNKNOWN, TaskState.SUBMITTED})
 TASK_CLAIMED = frozenset({TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING})
 
 
@@ -182,7 +186,8 @@ class TaskEvent(StrEnum):
     UPLOAD_FAILED = "upload_failed"
     CLAIM_CREATE = "claim_create"
     CREATED = "created"
-    CREATE_FAILED = "create_failed"
+    CREATE_FAILED = "create_failed"  # no batch was made (or, from create_unknown: none listed)
+    CREATE_UNKNOWN = "create_unknown"  # the create's outcome is (still) unknown
     POLLED = "polled"
     REMOTE_SUCCEEDED = "remote_succeeded"
     REMOTE_ENDED = "remote_ended"  # FAILED, CANCELLED or EXPIRED remotely
@@ -237,9 +242,17 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], frozenset[TaskState]] = {
     (T.UPLOADING, TaskEvent.RELEASE): frozenset({T.NEW}),
     (T.UPLOADED, TaskEvent.CLAIM_CREATE): frozenset({T.CREATING}),
     (T.CREATING, TaskEvent.CREATED): frozenset({T.SUBMITTED}),
-    (T.CREATING, TaskEvent.CREATE_FAILED): frozenset({T.NEW, T.FAILED}),
+    # NEW: the uploaded input was deleted (a new attempt uploads again); UPLOADED: it is
+    # still there and the next attempt creates from it.
+    (T.CREATING, TaskEvent.CREATE_FAILED): frozenset({T.NEW, T.UPLOADED, T.FAILED}),
     (T.CREATING, TaskEvent.RELEASE): frozenset({T.NEW, T.UPLOADED}),
     (T.CREATING, TaskEvent.CANCEL): frozenset({T.CREATING}),  # outcome unknown: reconcile first
+    (T.CREATING, TaskEvent.CREATE_UNKNOWN): frozenset({T.CREATE_UNKNOWN}),
+    (T.CREATE_UNKNOWN, TaskEvent.CREATE_UNKNOWN): frozenset({T.CREATE_UNKNOWN}),  # looked again
+    (T.CREATE_UNKNOWN, TaskEvent.CREATED): frozenset({T.SUBMITTED}),  # listed: it exists
+    # A complete listing without it, begun once the create could no longer be in flight.
+    (T.CREATE_UNKNOWN, TaskEvent.CREATE_FAILED): frozenset({T.UPLOADED, T.FAILED}),
+    (T.CREATE_UNKNOWN, TaskEvent.CANCEL): frozenset({T.CREATE_UNKNOWN}),  # settle it first
     (T.SUBMITTED, TaskEvent.POLLED): frozenset({T.SUBMITTED}),
     (T.SUBMITTED, TaskEvent.REMOTE_SUCCEEDED): frozenset({T.SUCCEEDED}),
     (T.SUBMITTED, TaskEvent.REMOTE_ENDED): frozenset({T.FAILED, T.CANCELLED}),
@@ -262,6 +275,7 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], frozenset[TaskState]] = {
             T.UPLOADING,
             T.UPLOADED,
             T.CREATING,
+            T.CREATE_UNKNOWN,
             T.SUBMITTED,
             T.SUCCEEDED,
             T.DOWNLOADING,
@@ -545,7 +559,9 @@ class Task:
     output_file: str | None = None
     part_file: str | None = None  # our verified copy of the results
     owner: dict[str, Any] | None = None  # who holds a claim (uploading/creating/downloading)
-    not_before: float | None = None  # epoch seconds: next try of a failed step
+    # Epoch seconds: the next try of a failed step. On a finished task: when its remote
+    # cleanup is due (set while something remote is left to delete, None once all is gone).
+    not_before: float | None = None
     step_failures: int = 0  # transient failures of the current step
     error: ErrorInfo | None = None
     cleaned: dict[str, bool] = field(default_factory=dict)  # input_file / batch: deleted?

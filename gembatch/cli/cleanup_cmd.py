@@ -32,7 +32,6 @@ def cleanup(
     with common.local_emulator(opts):
         remote = common.make_remote()
         engine = Engine(common.ledger_for(ctx), remote, role="cleanup")
-        engine.settings.max_cleanup_attempts = 1_000_000  # asked for explicitly: try again
         jobs = engine.jobs()
 
         async def go() -> int:
@@ -50,7 +49,7 @@ def cleanup(
                     (job, task, names)
                     for job in jobs
                     for task in job.tasks
-                    if (names := cleanup_targets(task, 1_000_000))
+                    if (names := cleanup_targets(task))  # asked for: whatever the backoff
                 ]
                 if not targets:
                     print(

@@ -155,7 +155,9 @@ async def submit(
             failures += 1
             for o in errors:
                 when = ""
-                if o.retry_at:
+                if o.unknown:
+                    when = "; `gembatch poll` finds out, and creates again only if none was made"
+                elif o.retry_at:
                     when = (
                         f"; will retry at {time.strftime('%H:%M:%S', time.localtime(o.retry_at))}"
                     )
@@ -195,7 +197,8 @@ def outcome_code(engine: Engine, job_ids: list[str]) -> int:
 
 
 async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
-    """Cycles until every job is finished (or once). Returns the exit code."""
+    """Cycles until every job is finished and nothing is left to delete remotely (or
+    once). Returns the exit code."""
     from gembatch.cli.monitor import CycleInfo, PlainReporter, monitor_view
 
     interactive = out.isatty()
@@ -230,7 +233,8 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
                 for job_id, msg in report.errors
             ]
             _report_records(engine, told)
-            done = report.unfinished == 0 or options.once
+            # Remote deletes that failed are retried until done, after the jobs have ended.
+            done = (report.unfinished == 0 and report.cleanup_pending == 0) or options.once
             wake = None if done else now + options.interval
             if wake is not None and report.next_due is not None:
                 wake = min(wake, max(report.next_due, now + 0.2))

@@ -25,12 +25,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gembatch.engine.reducers import remote_cleanup_pending
 from gembatch.jobs import (
     ErrorClass,
     Job,
     JobStatus,
     RemoteState,
     Step,
+    TaskState,
     format_duration,
     parse_time,
 )
@@ -128,16 +130,22 @@ def _retry_in(job: Job, now: float) -> int | None:
 
 
 def _describe(job: Job, kind: _Kind, now: float) -> tuple[str, str, str]:
-    """(symbol, word, retry) of a job's state: retry is `retry in 42s` or ""."""
+    """(symbol, word, notes) of a job's state: notes are `retry in 42s`, `cleanup pending:
+    2` (remote deletes being retried), or ""."""
     symbol, word, _ = _LOOKS[kind]
     if kind is _Kind.RUNNING and job.step is not None:
         symbol, word = _STEP_LOOKS[job.step]
-    retry = ""
-    if kind in (_Kind.RUNNING, _Kind.PENDING):
+    if kind is _Kind.RUNNING and any(t.state is TaskState.CREATE_UNKNOWN for t in job.tasks):
+        symbol, word = "?", "create outcome unknown"  # until a listing says: never again
+    notes = []
+    if kind in (_Kind.RUNNING, _Kind.PENDING) and word != "create outcome unknown":
         wait = _retry_in(job, now)
         if wait is not None:
-            retry = f"retry in {format_duration(wait)}"
-    return symbol, word, retry
+            notes.append(f"retry in {format_duration(wait)}")
+    pending = remote_cleanup_pending(job)
+    if pending:
+        notes.append(f"cleanup pending: {pending}")
+    return symbol, word, ", ".join(notes)
 
 
 def state_label(job: Job, now: float | None = None) -> Text:
@@ -153,9 +161,9 @@ def state_label(job: Job, now: float | None = None) -> Text:
 def _plain_state(job: Job, now: float) -> str:
     """The state in words, for logs: `running (processing)`, `pending (retry in 42s)`."""
     kind = _kind(job)
-    if kind not in (_Kind.RUNNING, _Kind.PENDING):
-        return kind.value
     _, word, retry = _describe(job, kind, now)
+    if kind not in (_Kind.RUNNING, _Kind.PENDING):
+        return f"{kind.value} ({retry})" if retry else kind.value
     details = [word] if kind is _Kind.RUNNING and job.step is not None else []
     details += [retry] if retry else []
     return f"{kind.value} ({', '.join(details)})" if details else kind.value
@@ -415,6 +423,7 @@ def _footer(jobs: Sequence[Job], info: CycleInfo, now: float) -> list[Text]:
     total = len(jobs)
     completed = sum(1 for job in jobs if job.status.terminal)
     remaining = total - completed
+    pending = sum(remote_cleanup_pending(job) for job in jobs)
     errors = len(info.errors)
     parts: list[str | tuple[str, str]] = [
         "Total jobs: ",
@@ -428,7 +437,9 @@ def _footer(jobs: Sequence[Job], info: CycleInfo, now: float) -> list[Text]:
         " | Errors: ",
         (str(errors), "bold red" if errors else "bold"),
     ]
-    if remaining and not info.interrupted:
+    if pending:
+        parts += [" | Cleanup pending: ", (str(pending), "bold yellow")]
+    if (remaining or pending) and not info.interrupted:
         if info.checking:
             parts += [" | ", ("Checking status...", "yellow")]
         elif info.next_poll_at is not None:
@@ -445,6 +456,14 @@ def _footer(jobs: Sequence[Job], info: CycleInfo, now: float) -> list[Text]:
         lines.append(Text("Interrupted: run `gembatch poll` again to resume.", style="bold yellow"))
     elif total == 0:
         lines.append(Text("No jobs in the ledger.", style="dim"))
+    elif remaining == 0 and pending:
+        lines.append(
+            Text(
+                f"Every job has ended; {pending} remote item(s) left to delete: retried "
+                "until done (Ctrl-C: the next `gembatch poll` goes on)",
+                style="yellow",
+            )
+        )
     elif remaining == 0:
         lines.append(Text("🎉 All jobs completed!", style="bold green"))
     return lines
@@ -552,6 +571,10 @@ def status_json(jobs: Sequence[Job]) -> list[dict[str, Any]]:
             "result_file": job.result_file,
             "error": error.to_dict() if (error := current_error(job)) else None,
             "error_count": len(job.errors),  # the history itself is in the ledger
+            "create_outcome_unknown": sum(
+                1 for t in job.tasks if t.state is TaskState.CREATE_UNKNOWN
+            ),
+            "remote_cleanup_pending": remote_cleanup_pending(job),
             "created_at": job.created_at,
             "completed_at": job.completed_at,
             "final_state": job.final_state,
@@ -626,6 +649,12 @@ def summary_lines(jobs: Sequence[Job]) -> list[str]:
         if kind in (_Kind.FAILED, _Kind.EXPIRED):
             error = _error_text(job)
             lines.append(f"{kind.value}: {labels[job.id]}" + (f": {error}" if error else ""))
+    pending = sum(remote_cleanup_pending(job) for job in jobs)
+    if pending:
+        lines.append(
+            f"remote cleanup pending: {pending} item(s) whose delete failed; "
+            "`gembatch poll` retries them, `gembatch cleanup` deletes them now"
+        )
     return lines
 
 
@@ -645,7 +674,15 @@ class PlainReporter:
         stamp = _local_time(now)
         labels = _labels(jobs)
         for job in jobs:
-            key = (job.status, job.step, job.requests.done, _error_text(job))
+            unknown = any(t.state is TaskState.CREATE_UNKNOWN for t in job.tasks)
+            key = (
+                job.status,
+                job.step,
+                job.requests.done,
+                _error_text(job),
+                unknown,
+                remote_cleanup_pending(job),
+            )
             if self._seen.get(job.id) == key:
                 continue
             self._seen[job.id] = key

@@ -104,7 +104,10 @@ def serve(
                     poll_concurrency=options.poll_concurrency,
                     # Several servers may share PostgreSQL: claims are renewed leases.
                     lease_seconds=lease_seconds if db.startswith("postgresql") else None,
-                    create_grace_seconds=15.0 if db.startswith("postgresql") else 0.0,
+                    # A holder whose lease ran out may be stalled mid-create: longer grace.
+                    create_grace_seconds=15.0
+                    if db.startswith("postgresql")
+                    else EngineSettings.create_grace_seconds,
                 )
             )
             application = create_app(options, engine_settings=engine_settings)

@@ -91,6 +91,7 @@ class Emulator:
         self.faults = FaultInjector(config.faults, config.seed)
         self.responder: Responder = make_responder(config.responder, config.seed)
         self.settings = self._settings_for(config)
+        self._detached: set[asyncio.Future[Response]] = set()  # work that outlives its call
         self.engine = BatchEngine(
             self.store, lambda: self.settings, lambda: self.responder, lambda: self.faults
         )
@@ -208,16 +209,28 @@ class Emulator:
             if not is_chunk:
                 self._authorize(request)
             decision = self.faults.decide(endpoint)
-            if decision.latency_seconds:
-                await asyncio.sleep(decision.latency_seconds)
-            if decision.error is not None:
-                self.store.count(f"faults:{endpoint}")
-                raise decision.error
             handler = getattr(self, "_" + endpoint.replace(".", "_"))
-            response = await handler(request, match["version"], match["prefix"], **params)
-            if decision.latency_after_seconds:
-                await asyncio.sleep(decision.latency_after_seconds)
-            return response
+
+            async def call() -> Response:
+                if decision.latency_seconds:
+                    await asyncio.sleep(decision.latency_seconds)
+                if decision.error is not None:
+                    self.store.count(f"faults:{endpoint}")
+                    raise decision.error
+                response = await handler(request, match["version"], match["prefix"], **params)
+                if decision.latency_after_seconds:
+                    await asyncio.sleep(decision.latency_after_seconds)
+                return response
+
+            if not decision.detached:
+                return await call()
+            # Shielded: a disconnect cancels this handler, not the work (which has the
+            # request body read, and kept, before the client can go).
+            await request.body()
+            work = asyncio.ensure_future(call())
+            self._detached.add(work)
+            work.add_done_callback(self._detached.discard)
+            return await asyncio.shield(work)
         except ApiError as error:
             response = _error_response(error)
             if is_chunk:  # the SDK re-sends a chunk whose answer lacks this header

@@ -106,6 +106,10 @@ class FaultRule:
     # Delay AFTER the call did its work, before answering: with a client timeout or a
     # killed client this is "the create succeeded but the reply was lost".
     latency_after_ms: float = 0.0
+    # The call's work goes on when its client disconnects (or times out) during
+    # `latency_ms`, as a request already inside Google's servers may: "a create still in
+    # flight after its sender gave up". Otherwise the call dies with its connection.
+    detached: bool = False
     retry_after_seconds: float | None = None  # sent with 429 (default 1 s)
     message: str | None = None
 

@@ -27,6 +27,7 @@ class Decision:
     latency_seconds: float = 0.0
     error: ApiError | None = None
     latency_after_seconds: float = 0.0
+    detached: bool = False  # carried out even if the client goes away meanwhile
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FaultInjector:
                     continue
                 decision.latency_seconds += rule.latency_ms / 1000.0
                 decision.latency_after_seconds += rule.latency_after_ms / 1000.0
+                decision.detached = decision.detached or rule.detached
                 if rule.status is not None and decision.error is None:
                     decision.error = _error_for(rule.status, rule.retry_after_seconds, rule.message)
         return decision

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from gembatch import fsutil
 from gembatch.engine import reducers
 from gembatch.engine.owner import current_owner, is_mine, owner_alive
+from gembatch.failpoints import failpoint
 from gembatch.gemini.errors import Classified, classify, error_info
 from gembatch.gemini.remote import Remote
 from gembatch.inputs import ValidatedInput, iter_keys, open_range, write_subset
@@ -44,7 +45,6 @@ from gembatch.jobs import (
     TaskInput,
     TaskState,
     now_iso,
-    parse_time,
 )
 from gembatch.ledger import Record
 from gembatch.results import failed_keys, key_outcomes, merge_results, verify_output
@@ -70,6 +70,8 @@ class EngineLedger(Protocol):
 
     Optional, used when present:
     - `load_active()`: like `load`, without finished jobs (what each cycle works on).
+    - `load_cleanup_pending()`: the finished jobs with remote cleanup still to do (a
+      finished task whose `not_before` is set), which each cycle retries when due.
     - `claim_starts(select, max_busy=, now=)`: like `transact`, but the ledger hands
       `select` only the jobs that may start a task and the count of busy tasks as
       `busy` (the SQL ledger locks just those rows); `select(records, busy)` returns the
@@ -95,17 +97,23 @@ class EngineSettings:
     download_concurrency: int = 4
     max_download_attempts: int = 5
     download_retry_interval: float = 5.0
-    max_cleanup_attempts: int = 3
-    poll_retry_interval: float = 5.0  # first backoff after a failed batches.get
+    # A remote delete that failed is tried again after this (doubled each time, up to
+    # cleanup_max_interval) until it is done: nothing is left behind for good.
+    cleanup_retry_interval: float = 5.0
+    cleanup_max_interval: float = 300.0
+    # First backoff after a failed batches.get, or a failed listing that looks for a create
+    # whose outcome is unknown (doubled up to 60 s for those).
+    poll_retry_interval: float = 5.0
     # Several processes on one database (the service on PostgreSQL): a claim is a lease
     # that its holder renews; once it has expired another process may take the task over
     # (the holder's late writes are then refused). None: claims last while their process
     # lives (one machine: a dead pid is seen at once).
     lease_seconds: float | None = None
-    # How long after a create was sent its batch may still appear (the request may be in
-    # flight when its sender died or stalled): a claim younger than this whose batch is not
-    # listed yet is looked for again later instead of being created again.
-    create_grace_seconds: float = 0.0
+    # How long a create may still land after its sender stopped waiting for it (a timeout,
+    # a cut connection, the sender died or stalled): a listing that does not show its batch
+    # settles "not made" only if it began at least this long after that moment. Until then
+    # the task stays create_unknown and is looked for again, never created again.
+    create_grace_seconds: float = 10.0
 
 
 @dataclass
@@ -126,6 +134,7 @@ class StartOutcome:
     message: str
     batch_name: str | None = None
     retry_at: float | None = None
+    unknown: bool = False  # the create's outcome is unknown: a listing will settle it
 
 
 @dataclass
@@ -136,6 +145,7 @@ class CycleReport:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (job id, message)
     next_due: float | None = None  # earliest time some deferred work becomes due
     unfinished: int = 0
+    cleanup_pending: int = 0  # remote items of finished tasks still to delete (retried)
 
 
 class Engine:
@@ -168,13 +178,16 @@ class Engine:
         """Every job in the ledger; records that cannot be read are noted in `problems`."""
         return self._jobs_from(self.ledger.load())
 
-    def _jobs_from(self, snapshot: Any) -> list[Job]:
-        jobs, self.problems = [], [f"line {p.line}: {p.message}" for p in snapshot.problems]
+    def _jobs_from(self, snapshot: Any, *, note: bool = True) -> list[Job]:
+        """The jobs of a snapshot; with `note`, what cannot be read becomes `problems`."""
+        jobs, problems = [], [f"line {p.line}: {p.message}" for p in snapshot.problems]
         for record in snapshot.records:
             try:
                 jobs.append(Job.from_record(record))
             except (KeyError, ValueError, TypeError) as exc:
-                self.problems.append(f"job {record.get('id')}: unreadable record ({exc})")
+                problems.append(f"job {record.get('id')}: unreadable record ({exc})")
+        if note:
+            self.problems = problems
         return jobs
 
     def active_jobs(self) -> list[Job]:
@@ -338,58 +351,70 @@ class Engine:
         await self.download(report)
         await self.cleanup_finished(report)
         await self.finalize(report)
+        left = await self._cleanup_left_behind(report)
         jobs = await self._jobs()
         report.finished = sorted(before - {j.id for j in jobs})
         report.unfinished = len(jobs)
-        due = [t.not_before for j in jobs for t in j.tasks if t.not_before and not t.state.terminal]
+        due = [t.not_before for j in [*jobs, *left] for t in j.tasks if t.not_before]
         report.next_due = min(due) if due else None
+        report.cleanup_pending = sum(reducers.remote_cleanup_pending(j) for j in [*jobs, *left])
         return report
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reconcile(self, report: CycleReport) -> None:
-        """Hand back claims whose owner died: find what its remote call did first."""
+        """Hand back claims whose owner died (a create becomes one whose outcome is
+        unknown), then settle unknown creates by listing the remote batches."""
+        jobs = await self._jobs()
         stale = [
             (job, task)
-            for job in await self._jobs()
+            for job in jobs
             for task in job.tasks
             if task.state in (TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING)
             and not is_mine(task.owner, self.owner)
             and self._stale(task.owner)
         ]
-        if not stale:
-            return
+        if stale:
+            await self._release_stale(report, stale)
+            jobs = await self._jobs()
+        await self._settle_unknown_creates(report, jobs)
+
+    async def _release_stale(self, report: CycleReport, stale: list[tuple[Job, Any]]) -> None:
         now = self.clock()
-        creating = {t.display_name for _, t in stale if t.state is TaskState.CREATING}
         uploading = {t.display_name for _, t in stale if t.state is TaskState.UPLOADING}
         try:
-            found_batches = await self.remote.find_batches(creating) if creating else {}
             found_files = await self.remote.find_files(uploading) if uploading else {}
         except Exception as exc:  # try again next cycle; never guess
             report.errors.append(("", f"reconcile: {classify(exc).message}"))
-            return
+            stale = [(job, task) for job, task in stale if task.state is not TaskState.UPLOADING]
+            found_files = {}
         changes: dict[str, list[Change]] = {}
         for job, task in stale:
+            fence = _fence(job, task.index)
             if task.state is TaskState.CREATING:
-                batch = found_batches.get(task.display_name)
-                if batch is not None:
-                    change = self._change(reducers.created, task.index, batch.to_batch_dict(), now)
-                elif self._create_may_be_in_flight(task.owner, now):
-                    continue  # look again next cycle: never create twice
-                else:
-                    change = self._change(
-                        reducers.release,
-                        task.index,
-                        TaskState.UPLOADED,
-                        now,
-                        "create intent of a dead process: no batch with its display name",
-                    )
+                # Its create may have been sent, and may be in flight still (a holder that
+                # stalled, a request inside Gemini): the grace counts from now, the first
+                # moment its sender is known to have stopped waiting.
+                change = self._change(
+                    reducers.create_unknown,
+                    task.index,
+                    now,
+                    look_at=now,
+                    since=now,
+                    why="its process stopped before the outcome was recorded",
+                    fence=fence,
+                )
             elif task.state is TaskState.UPLOADING:
                 orphan = found_files.get(task.display_name)
                 if orphan:
                     with contextlib.suppress(Exception):
                         await self.remote.delete_file(orphan)
                 change = self._change(
-                    reducers.release, task.index, TaskState.NEW, now, "upload of a dead process"
+                    reducers.release,
+                    task.index,
+                    TaskState.NEW,
+                    now,
+                    "upload of a dead process",
+                    fence=fence,
                 )
             else:
                 change = self._change(
@@ -398,10 +423,98 @@ class Engine:
                     TaskState.SUCCEEDED,
                     now,
                     "download of a dead process",
+                    fence=fence,
                 )
             changes.setdefault(job.id, []).append(change)
         result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
         _report_apply_errors(result, report)
+
+    async def _settle_unknown_creates(self, report: CycleReport, jobs: list[Job]) -> None:
+        """Look for the batches of creates whose outcome is unknown, in ONE complete listing
+        (every page: a listing that fails anywhere changes nothing). Listed: the task has
+        its batch. Not listed by a listing begun at least `create_grace_seconds` after the
+        create could last have been in flight: none was made, and only now may another
+        create be sent. Anything else (Gemini unreachable for hours, a listing begun too
+        early): the task stays unknown and is looked for again, with backoff."""
+        now = self.clock()
+        due = [
+            (job, task)
+            for job in jobs
+            for task in job.tasks
+            if task.state is TaskState.CREATE_UNKNOWN
+            and (task.not_before is None or task.not_before <= now)
+        ]
+        if not due:
+            return
+        begun = self.clock()
+        changes: dict[str, list[Change]] = {}
+        try:
+            found = await self.remote.find_batches({t.display_name for _, t in due})
+        except Exception as exc:
+            classified = classify(exc)
+            now = self.clock()
+            for job, task in due:
+                info = error_info(
+                    dataclasses.replace(
+                        classified,
+                        message="create outcome unknown, and listing the remote batches "
+                        f"failed: {_headline(classified)}",
+                    ),
+                    step=Step.SUBMITTING.value,
+                    attempt=task.attempt,
+                    task=task.index,
+                    now=now,
+                )
+                delay = max(classified.retry_after or 0.0, self._look_backoff(task))
+                change = self._change(
+                    reducers.create_unknown, task.index, now, look_at=now + delay, error=info
+                )
+                changes.setdefault(job.id, []).append(
+                    _while_unknown(change, task.index, task.display_name)
+                )
+                report.errors.append((job.id, f"{job.input_file}: {info.message}"))
+            result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+            _report_apply_errors(result, report)
+            return
+        now = self.clock()
+        grace = self.settings.create_grace_seconds
+        for job, task in due:
+            batch = found.get(task.display_name)
+            unknown = task.extra.get("create_unknown") or {}
+            since = unknown.get("since")
+            settles_at = (since if isinstance(since, int | float) else now) + grace
+            if batch is not None:
+                change = self._change(
+                    reducers.created, task.index, batch.to_batch_dict(), now, name=task.display_name
+                )
+            elif begun < settles_at:
+                # The create may still land: "not listed" means nothing yet. Look again
+                # meanwhile (it may appear), and once more when the grace is over.
+                look_at = min(settles_at, now + self._look_backoff(task))
+                change = self._change(reducers.create_unknown, task.index, now, look_at=look_at)
+            else:
+                decision = None
+                if unknown.get("class") in ErrorClass._value2member_map_:
+                    decision = decide(
+                        job.retry_config, ErrorClass(unknown["class"]), task.attempt, None, self.rng
+                    )
+                change = self._change(
+                    reducers.create_not_made,
+                    task.index,
+                    task.display_name,
+                    decision,
+                    now,
+                    f"no batch named {task.display_name} in a complete listing",
+                )
+            changes.setdefault(job.id, []).append(
+                _while_unknown(change, task.index, task.display_name)
+            )
+        result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
+        _report_apply_errors(result, report)
+
+    def _look_backoff(self, task: Any) -> float:
+        config = RetryConfig(retry_interval=self.settings.poll_retry_interval, max_interval=60.0)
+        return backoff(config, task.step_failures + 1, self.rng)
 
     async def recover_after_restore(self, report: CycleReport) -> None:
         """After `gembatch db restore`, the ledger may say "to do" for work that finished
@@ -414,6 +527,7 @@ class Engine:
             TaskState.UPLOADING,
             TaskState.UPLOADED,
             TaskState.CREATING,
+            TaskState.CREATE_UNKNOWN,
             TaskState.SUCCEEDED,
             TaskState.DOWNLOADING,
         )
@@ -429,7 +543,11 @@ class Engine:
                 if counts is not None:
                     found.append((job, task, counts))
         if found:
-            creating = {t.display_name for _, t, _ in found if t.state is TaskState.CREATING}
+            creating = {
+                t.display_name
+                for _, t, _ in found
+                if t.state in (TaskState.CREATING, TaskState.CREATE_UNKNOWN)
+            }
             try:
                 batches = await self.remote.find_batches(creating) if creating else {}
             except Exception as exc:  # try again next cycle; never guess
@@ -454,16 +572,6 @@ class Engine:
                 result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
                 _report_apply_errors(result, report)
         self._restore_checked = True
-
-    def _create_may_be_in_flight(self, owner: Any, now: float) -> bool:
-        grace = self.settings.create_grace_seconds
-        if not grace or not isinstance(owner, dict):
-            return False
-        try:
-            sent = parse_time(owner.get("intent_at"))
-        except (TypeError, ValueError):
-            return False
-        return sent is not None and now - sent < grace
 
     def _stale(self, owner: Any) -> bool:
         """Whether a claim's owner is gone: recorded before a restore, its lease expired
@@ -637,17 +745,17 @@ class Engine:
     async def _create(self, job: Job, index: int) -> StartOutcome:
         task = job.task(index)
         assert task.uploaded_file_name and job.model
+        failpoint("create.before_call")
         try:
             batch = await self.remote.create_batch(
                 job.model, task.uploaded_file_name, task.display_name
             )
+            failpoint("create.after_answer")
         except Exception as exc:
             classified = classify(exc)
             if not classified.definitive:
-                # The create may have happened: look before trying again (never pay twice).
-                found = await self._find_created(task.display_name)
-                if found is not None:
-                    return await self._created(job, index, found.to_batch_dict())
+                # The create may have happened: never create again before a listing says.
+                return await self._create_unknown(job, index, classified)
             deleted = False
             # Only while the claim holds: a process that took the task over may be
             # creating its batch from this very file.
@@ -664,13 +772,43 @@ class Engine:
             )
         return await self._created(job, index, batch.to_batch_dict())
 
-    async def _find_created(self, name: str) -> Any:
-        for _ in range(3):
-            try:
-                return (await self.remote.find_batches({name})).get(name)
-            except Exception:
-                await asyncio.sleep(1.0)
-        return None
+    async def _create_unknown(self, job: Job, index: int, classified: Classified) -> StartOutcome:
+        """A create that may or may not have made its batch: one look right away (a reply
+        lost after the batch was made is found at once), else the task is recorded as
+        create_unknown for the cycles to settle. Its uploaded input stays: the batch, if
+        it exists, reads it."""
+        task = job.task(index)
+        gave_up = self.clock()  # a create still in flight lands after this, if at all
+        with contextlib.suppress(Exception):  # a failed look is the cycle's to repeat
+            found = (await self.remote.find_batches({task.display_name})).get(task.display_name)
+            if found is not None:
+                return await self._created(job, index, found.to_batch_dict())
+        now = self.clock()
+        info = error_info(
+            classified, step=Step.SUBMITTING.value, attempt=task.attempt, task=index, now=now
+        )
+        result = await self._apply(
+            {
+                job.id: self._change(
+                    reducers.create_unknown,
+                    index,
+                    now,
+                    look_at=now,
+                    since=gave_up,
+                    why=_headline(classified),
+                    error=info,
+                    fence=_fence(job, index),
+                )
+            }
+        )
+        if job.id in result.errors:
+            message = str(result.errors[job.id])
+        else:
+            message = (
+                f"create outcome unknown ({_headline(classified)}): the remote batches are "
+                "listed before any new create"
+            )
+        return StartOutcome(job.id, index, job.input_file, False, message, unknown=True)
 
     async def _created(self, job: Job, index: int, batch: dict[str, Any]) -> StartOutcome:
         result = await self._apply(
@@ -926,14 +1064,19 @@ class Engine:
         return None
 
     # -- cleanup -----------------------------------------------------------------------------
-    async def cleanup_finished(self, report: CycleReport, jobs: list[Job] | None = None) -> None:
+    async def cleanup_finished(
+        self, report: CycleReport, jobs: list[Job] | None = None, *, due_only: bool = True
+    ) -> None:
         """Delete the remote input and batch of tasks whose results are safe on disk, and of
         tasks that ended without results. Never for a download that failed: its results
-        still exist only remotely. `jobs`: these (default: the unfinished ones)."""
+        still exist only remotely. A delete that fails is tried again, with backoff, until
+        it is done (gone already counts as done). `jobs`: these (default: the unfinished
+        ones); `due_only=False` tries every leftover now, whatever its backoff."""
+        now = self.clock()
         targets = []
         for job in jobs if jobs is not None else await self._jobs():
             for task in job.tasks:
-                names = cleanup_targets(task, self.settings.max_cleanup_attempts)
+                names = cleanup_targets(task, now if due_only else None)
                 if names or task.state is TaskState.DOWNLOADED:
                     targets.append((job, task, names))
         if not targets:
@@ -957,12 +1100,30 @@ class Engine:
         now = self.clock()
         changes: dict[str, list[Change]] = {}
         for (job, task, _), (done, errors) in zip(targets, outcomes, strict=True):
+            attempts = int(task.extra.get("cleanup_attempts", 0)) + 1
+            config = RetryConfig(
+                retry_interval=self.settings.cleanup_retry_interval,
+                max_interval=self.settings.cleanup_max_interval,
+            )
+            delay = backoff(config, attempts, self.rng)
             changes.setdefault(job.id, []).append(
-                self._change(reducers.cleaned, task.index, done, errors, now)
+                self._change(reducers.cleaned, task.index, done, errors, now, delay)
             )
             report.errors += [(job.id, f"{job.input_file}: cleanup: {e}") for e in errors]
         result = await self._apply({jid: _chain(fs) for jid, fs in changes.items()})
         _report_apply_errors(result, report)
+
+    async def _cleanup_left_behind(self, report: CycleReport) -> list[Job]:
+        """Finished jobs whose remote cleanup failed: their due deletes are tried again
+        (each cycle otherwise looks at unfinished jobs only). Returns those still waiting."""
+        load = getattr(self.ledger, "load_cleanup_pending", None)
+        if load is None:
+            return []
+        left = self._jobs_from(await asyncio.to_thread(load), note=False)
+        if left:
+            await self.cleanup_finished(report, left)
+            left = self._jobs_from(await asyncio.to_thread(load), note=False)
+        return left
 
     # -- finalize ----------------------------------------------------------------------------
     async def finalize(self, report: CycleReport) -> None:
@@ -1084,7 +1245,7 @@ class Engine:
         if job_ids is not None:
             jobs = [job for job in jobs if job.id in job_ids]
         report = CycleReport()
-        await self.cleanup_finished(report, jobs)
+        await self.cleanup_finished(report, jobs, due_only=False)
         return [message for _, message in report.errors]
 
 
@@ -1138,38 +1299,12 @@ def _stem(job: Job) -> str:
     return Path(job.input_file).name.removesuffix(".jsonl")
 
 
-def cleanup_targets(task: Any, max_attempts: int) -> dict[str, str]:
-    """The remote resources a task still owns and may now delete."""
-    if int(task.extra.get("cleanup_attempts", 0)) >= max_attempts:
-        return {}  # left for `gembatch cleanup`
-    failed_download = (
-        task.state is TaskState.FAILED
-        and task.error is not None
-        and task.error.error_class in (ErrorClass.DOWNLOAD, ErrorClass.LOCAL_IO)
-    )
-    if failed_download:
-        return {}  # the only copy of those results is remote: never delete it
-    if task.state not in (
-        TaskState.DOWNLOADED,
-        TaskState.DONE,
-        TaskState.FAILED,
-        TaskState.CANCELLED,
-    ):
+def cleanup_targets(task: Any, now: float | None = None) -> dict[str, str]:
+    """The remote resources a task still owns and may now delete: all of them, or with
+    `now`, only those of a finished task whose retry after a failed delete is due."""
+    if now is not None and task.state.terminal and task.not_before and task.not_before > now:
         return {}
-    names = {}
-    if task.uploaded_file_name and not task.cleaned.get("input_file"):
-        names["input_file"] = task.uploaded_file_name
-    if task.batch_name and not task.cleaned.get("batch"):
-        names["batch"] = task.batch_name
-    if (
-        task.output_file
-        and task.state in (TaskState.DOWNLOADED, TaskState.DONE)
-        and not task.cleaned.get("output_file")
-    ):
-        names["output_file"] = task.output_file
-    if task.state is TaskState.DONE and not task.extra.get("cleanup_errors"):
-        return {}
-    return names
+    return reducers.remote_leftovers(task)
 
 
 class LeaseLost(InvalidTransition):
@@ -1302,6 +1437,19 @@ def _link_single_part(
         return False
     fsutil.fsync_dir(result_file.parent)
     return True
+
+
+def _while_unknown(change: Change, index: int, name: str) -> Change:
+    """`change`, unless the task's create was settled meanwhile (by another server that
+    listed the same batches): then nothing, quietly."""
+
+    def guarded(record: Record) -> Record | None:
+        task = Job.from_record(record).task(index)
+        if task.state is not TaskState.CREATE_UNKNOWN or task.display_name != name:
+            return None
+        return change(record)
+
+    return guarded
 
 
 def _chain(changes: list[Change]) -> Change:

@@ -56,6 +56,7 @@ _STEP_OF_TASK: dict[TaskState, Step] = {
     TaskState.UPLOADING: Step.UPLOADING,
     TaskState.UPLOADED: Step.SUBMITTING,
     TaskState.CREATING: Step.SUBMITTING,
+    TaskState.CREATE_UNKNOWN: Step.SUBMITTING,
     TaskState.SUBMITTED: Step.PROCESSING,
     TaskState.SUCCEEDED: Step.DOWNLOADING,
     TaskState.DOWNLOADING: Step.DOWNLOADING,
@@ -143,8 +144,8 @@ def renew_lease(
     job: Job, index: int, until: float, now: float | None = None, *, intent: bool = False
 ) -> Job:
     """The claim's holder is still working on it: its lease now ends at `until`. With
-    `intent`, the create is about to be sent now (`intent_at`: how long a create whose
-    sender vanished may still be in flight is counted from here)."""
+    `intent`, the create is about to be sent now (`intent_at` records when; a create whose
+    sender vanished is then looked for as one whose outcome is unknown)."""
     task = job.task(index)
     if isinstance(task.owner, dict):
         task.owner = {**task.owner, "lease_until": until}
@@ -177,10 +178,16 @@ def claim_create(job: Job, index: int, owner: dict[str, Any], now: float) -> Job
 
 
 @_pure
-def created(job: Job, index: int, batch: dict[str, Any], now: float) -> Job:
-    """The batch exists remotely; record its name at once."""
+def created(
+    job: Job, index: int, batch: dict[str, Any], now: float, *, name: str | None = None
+) -> Job:
+    """The batch exists remotely; record its name at once. `name`: the display name the
+    batch was found by (a listing): refused if the task has moved on to another attempt."""
     task = job.task(index)
+    if name is not None and task.display_name != name:
+        raise InvalidTransition("task", task.state, f"created (found as {name})")
     task.state = task_transition(task.state, TaskEvent.CREATED, TaskState.SUBMITTED)
+    task.extra.pop("create_unknown", None)
     task.batch_name = batch["name"]
     task.batch = batch
     task.remote_state = RemoteState.parse(batch.get("state"))
@@ -218,6 +225,10 @@ def step_failed(
         task.step_failures += 1
     elif decision.retry:
         target = TaskState.NEW
+        if event is TaskEvent.CREATE_FAILED and task.uploaded_file_name and not input_deleted:
+            # Its delete failed (Gemini unreachable): the next attempt creates from it
+            # rather than upload again and leave this one behind.
+            target = TaskState.UPLOADED
     else:
         target = TaskState.FAILED
     task.state = task_transition(task.state, event, target)
@@ -232,10 +243,90 @@ def step_failed(
             task.display_name = display_name(job, task)
     if decision.retry:
         task.not_before = now + decision.delay
+        _stop_if_cancelling(job, task, now)
     else:
         task.not_before = None
         task.ended_at = now_iso(now)
     return settle(job, now)
+
+
+@_pure
+def create_unknown(
+    job: Job,
+    index: int,
+    now: float,
+    *,
+    look_at: float,
+    since: float | None = None,
+    why: str | None = None,
+    error: ErrorInfo | None = None,
+) -> Job:
+    """The create's outcome is unknown (no answer, a 5xx, its sender died), or a look at
+    the remote batches did not settle it (the listing failed, or began too early). Nothing
+    is created again and the uploaded input is kept until a complete listing answers.
+
+    Entering (from creating): `since` is the last moment the create may have been in flight
+    (a listing counts only from `since` + the grace), `why` what happened, `error` the
+    create's error, whose class decides a retry if no batch is found. Looking again: `error`
+    is the failed listing's. `look_at`: when to list again."""
+    task = job.task(index)
+    entering = task.state is TaskState.CREATING
+    task.state = task_transition(task.state, TaskEvent.CREATE_UNKNOWN, TaskState.CREATE_UNKNOWN)
+    if entering:
+        task.owner = None
+        task.step_failures = 0
+        task.extra["create_unknown"] = {
+            "since": now if since is None else since,
+            "why": why or "no answer",
+            "class": error.error_class.value if error is not None else None,
+        }
+    elif error is not None:
+        task.step_failures += 1
+    if error is not None:
+        task.error = error
+        _record_error(job, error)
+    task.not_before = look_at
+    return settle(job, now)
+
+
+@_pure
+def create_not_made(
+    job: Job, index: int, name: str, decision: Decision | None, now: float, note: str
+) -> Job:
+    """A complete listing, begun when the create could no longer land, has no batch named
+    `name`: none was made. The uploaded input is kept: the next attempt creates from it
+    (with `decision.delay`, a new attempt and display name; without a decision, the create
+    was never answered at all: its sender died, and the same attempt goes on), or, when the
+    decision gives up, the task fails and cleanup deletes the input."""
+    task = job.task(index)
+    if task.state is not TaskState.CREATE_UNKNOWN or task.display_name != name:
+        raise InvalidTransition("task", task.state, f"create_not_made ({name})")
+    task.extra.pop("create_unknown", None)
+    task.owner = None
+    task.step_failures = 0
+    task.extra.setdefault("released", []).append({"at": now_iso(now), "note": note})
+    if decision is not None and not decision.retry:
+        task.state = task_transition(task.state, TaskEvent.CREATE_FAILED, TaskState.FAILED)
+        task.not_before = None
+        task.ended_at = now_iso(now)
+        return settle(job, now)
+    task.state = task_transition(task.state, TaskEvent.CREATE_FAILED, TaskState.UPLOADED)
+    task.not_before = None
+    if decision is not None:
+        task.attempt += 1
+        task.display_name = display_name(job, task)
+        task.not_before = now + decision.delay
+    _stop_if_cancelling(job, task, now)
+    return settle(job, now)
+
+
+def _stop_if_cancelling(job: Job, task: Task, now: float) -> None:
+    """A task sent back to wait for a retry while its job is being cancelled ends now (no
+    one would ever start it again)."""
+    if job.status is JobStatus.CANCELLING and task.state in (TaskState.NEW, TaskState.UPLOADED):
+        task.state = task_transition(task.state, TaskEvent.CANCEL, TaskState.CANCELLED)
+        task.ended_at = now_iso(now)
+        task.not_before = None
 
 
 @_pure
@@ -408,8 +499,16 @@ def recovered(
 
 
 @_pure
-def cleaned(job: Job, index: int, results: dict[str, bool], errors: list[str], now: float) -> Job:
-    """Remote cleanup was attempted; failures are recorded, never fatal."""
+def cleaned(
+    job: Job,
+    index: int,
+    results: dict[str, bool],
+    errors: list[str],
+    now: float,
+    retry_delay: float = 0.0,
+) -> Job:
+    """Remote cleanup was attempted; failures are recorded, never fatal, and tried again
+    after `retry_delay` (the finished task's `not_before`) until nothing is left."""
     task = job.task(index)
     task.cleaned.update(results)
     if errors:
@@ -417,10 +516,52 @@ def cleaned(job: Job, index: int, results: dict[str, bool], errors: list[str], n
         task.extra["cleanup_attempts"] = int(task.extra.get("cleanup_attempts", 0)) + 1
     else:
         task.extra.pop("cleanup_errors", None)
+        task.extra.pop("cleanup_attempts", None)
     if task.state is TaskState.DOWNLOADED:
         task.state = task_transition(task.state, TaskEvent.CLEANED, TaskState.DONE)
         task.ended_at = task.ended_at or now_iso(now)
+    if errors and task.state.terminal:
+        task.not_before = now + retry_delay
     return settle(job, now)
+
+
+def remote_leftovers(task: Task) -> dict[str, str]:
+    """What a task left remotely that may now be deleted ({kind: name}; kinds: input_file,
+    batch, output_file): nothing while its batch may still need it, and never the results
+    of a failed download (the only copy is remote)."""
+    if (
+        task.state is TaskState.FAILED
+        and task.error is not None
+        and task.error.error_class in (ErrorClass.DOWNLOAD, ErrorClass.LOCAL_IO)
+    ):
+        return {}
+    if task.state not in (
+        TaskState.DOWNLOADED,
+        TaskState.DONE,
+        TaskState.FAILED,
+        TaskState.CANCELLED,
+    ):
+        return {}
+    names = {}
+    if task.uploaded_file_name and not task.cleaned.get("input_file"):
+        names["input_file"] = task.uploaded_file_name
+    if task.batch_name and not task.cleaned.get("batch"):
+        names["batch"] = task.batch_name
+    if (
+        task.output_file
+        and task.state in (TaskState.DOWNLOADED, TaskState.DONE)
+        and not task.cleaned.get("output_file")
+    ):
+        names["output_file"] = task.output_file
+    if task.state is TaskState.DONE and not task.extra.get("cleanup_errors"):
+        return {}  # cleaned when it was done (records older than `cleaned` lack the flags)
+    return names
+
+
+def remote_cleanup_pending(job: Job) -> int:
+    """How many remote items the job's finished tasks still wait to have deleted (a
+    finished task's `not_before` is set while its cleanup is due or being retried)."""
+    return sum(len(remote_leftovers(t)) for t in job.tasks if t.state.terminal and t.not_before)
 
 
 @_pure
@@ -578,6 +719,14 @@ def finalize(job: Job, now: float, *, results_complete: bool) -> Job:
 def settle(job: Job, now: float) -> Job:
     """Recompute the job's status and step from its tasks, through legal transitions."""
     job.updated_at = now_iso(now)
+    for task in job.tasks:
+        if task.state.terminal:
+            # A finished task's `not_before` says when its remote cleanup is due: set while
+            # something is left to delete (the ledger finds such jobs by it), else cleared.
+            if not remote_leftovers(task):
+                task.not_before = None
+            elif task.not_before is None:
+                task.not_before = now
     if job.status.terminal:
         job.message = _message(job, now)
         return job
@@ -649,6 +798,11 @@ def _message(job: Job, now: float) -> str:
         return "cancelled"
     if job.status is JobStatus.CANCELLING:
         return "cancelling: waiting for Gemini to confirm"
+    unknown = [t for t in job.tasks if t.state is TaskState.CREATE_UNKNOWN]
+    if unknown:
+        why = (unknown[0].extra.get("create_unknown") or {}).get("why")
+        why = f" ({why})" if why else ""
+        return f"create outcome unknown{why}: waiting for Gemini to list batches"
     waiting = [t for t in job.tasks if t.state is TaskState.NEW and t.not_before]
     if waiting and all(t.not_before and t.not_before > now for t in waiting):
         delay = min(t.not_before for t in waiting if t.not_before) - now

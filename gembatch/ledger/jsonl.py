@@ -30,7 +30,7 @@ from typing import Any
 import filelock
 
 from gembatch import fsutil
-from gembatch.jobs import InvalidTransition, JobStatus, legal_status_change
+from gembatch.jobs import TASK_TERMINAL, InvalidTransition, JobStatus, legal_status_change
 from gembatch.ledger import (
     LedgerFileError,
     LedgerLockedError,
@@ -235,6 +235,7 @@ class _Document:
 
 
 _FINISHED = frozenset({"completed", "failed", "cancelled"})
+_FINISHED_TASKS = frozenset(state.value for state in TASK_TERMINAL)
 
 
 @dataclass
@@ -415,6 +416,25 @@ class JsonlLedger:
         return LedgerSnapshot(
             [r for r, k in zip(snapshot.records, keep, strict=True) if k],
             snapshot.problems,
+            [n for n, k in zip(snapshot.lines, keep, strict=False) if k],
+            snapshot.derived_ids,
+        )
+
+    def load_cleanup_pending(self) -> LedgerSnapshot:
+        """Finished jobs with something remote still to delete (a finished task keeps
+        `not_before`, when its cleanup is due, until all is gone)."""
+        snapshot = self.load()
+        keep = [
+            r.get("status") in _FINISHED
+            and any(
+                isinstance(t, dict) and t.get("state") in _FINISHED_TASKS and t.get("not_before")
+                for t in r.get("tasks") or []
+            )
+            for r in snapshot.records
+        ]
+        return LedgerSnapshot(
+            [r for r, k in zip(snapshot.records, keep, strict=True) if k],
+            [],
             [n for n, k in zip(snapshot.lines, keep, strict=False) if k],
             snapshot.derived_ids,
         )

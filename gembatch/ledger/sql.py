@@ -40,6 +40,8 @@ from sqlalchemy.engine import Connection, Engine
 from gembatch import fsutil
 from gembatch.jobs import (
     JOB_TRANSITIONS,
+    TASK_LIVE,
+    TASK_TERMINAL,
     TERMINAL_STATUSES,
     InvalidTransition,
     JobEvent,
@@ -246,6 +248,17 @@ class SqlLedger:
         without a status (the original tool's) count as active, as in JsonlLedger."""
         rows = self._run(lambda conn: self._select(conn, _ACTIVE), write=False)
         return LedgerSnapshot([self._out(row.record) for row in rows], [])
+
+    def load_cleanup_pending(self) -> LedgerSnapshot:
+        """Finished jobs with something remote still to delete: a finished task keeps
+        `not_before` (when its cleanup is due) until all is gone, so they are found by the
+        tasks' (state, not_before) index, not by reading every finished job."""
+        pending = sa.select(m.tasks.c.job_id).where(
+            m.tasks.c.state.in_(FINISHED_TASK_STATES), m.tasks.c.not_before.is_not(None)
+        )
+        where = sa.and_(m.jobs.c.status.in_(TERMINAL), m.jobs.c.id.in_(pending))
+        rows = self._run(lambda conn: self._select(conn, where), write=False)
+        return LedgerSnapshot([row.record for row in rows], [])
 
     def add(self, record: Record) -> bool:
         return self.add_many([record])[0]
@@ -1342,7 +1355,8 @@ def _job_update(columns: tuple[str, ...]) -> Any:
 # Task states (the engine's TaskState values) for claims: which may be started, and
 # which hold (or are about to hold) one of the live remote batches of the global limit.
 CLAIMABLE_TASK_STATES = ("new", "uploaded")
-BUSY_TASK_STATES = ("uploading", "creating", "submitted")
+BUSY_TASK_STATES = tuple(sorted({"uploading", *(state.value for state in TASK_LIVE)}))
+FINISHED_TASK_STATES = tuple(sorted(state.value for state in TASK_TERMINAL))
 STARTABLE_STATUSES = ("pending", "running")
 
 # SQLite keeps per-process lock bookkeeping, and an idle WAL connection holds a shared

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gembatch import __version__
+from gembatch.engine.reducers import remote_cleanup_pending
 from gembatch.jobs import TASK_LIVE, Job, JobStatus, TaskState
 
 PUBLIC_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
@@ -66,6 +67,12 @@ def render(ledger: Any, *, remote_stats: dict[str, Any] | None, live_limit: int)
         "gauge",
         "Tasks (remote batches) of unfinished jobs, by state.",
         [({"state": s.value}, tasks[s]) for s in TaskState],
+    )
+    out.family(
+        "gembatch_remote_cleanup_pending",
+        "gauge",
+        "Remote files and batches whose delete failed, retried with backoff until done.",
+        [({}, cleanup_pending(ledger, active))],
     )
 
     stats = remote_stats or {}
@@ -146,6 +153,16 @@ def _first_missing(exists: Callable[[int], bool]) -> int:
         else:
             high = middle
     return high
+
+
+def cleanup_pending(ledger: Any, active: Iterable[Job]) -> int:
+    """Remote items still to delete, of unfinished jobs and of finished ones (which the
+    ledger finds by index when it can)."""
+    pending = sum(remote_cleanup_pending(job) for job in active)
+    load = getattr(ledger, "load_cleanup_pending", None)
+    if callable(load):
+        pending += sum(remote_cleanup_pending(Job.from_record(r)) for r in load().records)
+    return pending
 
 
 def pending_notifications(ledger: Any) -> int:

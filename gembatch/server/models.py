@@ -188,6 +188,16 @@ class DetailedStatus(BaseModel):
     progress_percentage: float
     active_tasks: int
     error_count: int
+    create_outcome_unknown: int = Field(
+        0,
+        description="Tasks whose create got no clear answer: no new batch is created for "
+        "them until a complete listing of remote batches says whether theirs exists.",
+    )
+    remote_cleanup_pending: int = Field(
+        0,
+        description="Remote files and batches of the job whose delete failed; retried "
+        "with backoff until done.",
+    )
 
 
 class RequestCountsModel(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from gembatch.engine.reducers import remote_cleanup_pending
 from gembatch.jobs import Job, JobStatus, TaskState, parse_time
 
 JOB_TYPE = "batch"
@@ -58,6 +59,12 @@ def job_status(job: Job) -> dict[str, Any]:
             "progress_percentage": round(job.progress * 100, 1),
             "active_tasks": active,
             "error_count": len(job.errors),
+            # Creates waiting for a listing to say whether their batch exists (the message
+            # says so), and remote items whose delete failed and is being retried.
+            "create_outcome_unknown": sum(
+                1 for t in job.tasks if t.state is TaskState.CREATE_UNKNOWN
+            ),
+            "remote_cleanup_pending": remote_cleanup_pending(job),
         },
         "error_details": error_details,
         "requests": counts.to_dict(),

@@ -112,3 +112,49 @@ class ActiveSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class Background:
+    """`gembatch ARGS` running in the background, its output lines collected as they come."""
+
+    def __init__(self, emulator: EmulatorProcess, cwd: Path, *args: str, **env: str) -> None:
+        environment = {**os.environ, "GEMBATCH_ENGINE": FAST_ENGINE, **emulator.client_env()}
+        environment.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gembatch", *args],
+            cwd=cwd,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def errors(self) -> list[str]:
+        return [line for line in self.lines if " error: " in line]
+
+    def stopped(self) -> bool:
+        """Stopped by SIGSTOP (state T in /proc)."""
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    def wait(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()

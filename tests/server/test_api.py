@@ -37,7 +37,14 @@ SEED_003_KEYS = {
     "job_id", "job_type", "status", "progress", "current_step", "message", "result", "error",
     "created_at", "updated_at",
 }  # fmt: skip
-DETAILED_STATUS_KEYS = {"current_phase", "progress_percentage", "active_tasks", "error_count"}
+DETAILED_STATUS_KEYS = {
+    "current_phase",
+    "progress_percentage",
+    "active_tasks",
+    "error_count",
+    "create_outcome_unknown",  # gembatch's own, beside seed 004's
+    "remote_cleanup_pending",
+}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 SEED_003_DELETE_RUNNING = "Cannot delete a running job. Wait for completion or failure"
 # Unknown to Batch Mode: the API serves the model (so the service's models.get check lets

@@ -25,6 +25,7 @@ import pytest
 from gembatch.emulator.process import EmulatorProcess
 from gembatch.server.process import ServiceProcess
 from tests.server.reliability_helpers import (
+    FAST_ENGINE,
     LiveBatchSampler,
     Services,
     WebhookReceiver,
@@ -143,7 +144,9 @@ def test_rate_limits_and_server_errors_are_retried_until_the_job_completes(
         {"endpoint": "batches.create", "status": 503, "first": 4},
     ]
     emu = emulator_factory({"clock": FAST_CLOCK, "faults": {"rules": rules}})
-    svc = services(emu)
+    # A 503 leaves the create's outcome unknown: settled by a listing after a short grace.
+    grace = {**json.loads(FAST_ENGINE), "create_grace_seconds": 1.0}
+    svc = services(emu, env={"GEMBATCH_ENGINE": json.dumps(grace)})
     with svc.client() as client:
         job = create_job(
             client, inline_body(2, retry_config=_retry(6, "RATE_LIMITED", "SERVER_ERROR"))
