@@ -48,6 +48,10 @@ class PollOptions:
     once: bool = False
     concurrency: int = 32
     max_live_batches: int = 10
+    # Once every job has ended, remote deletes that keep failing are retried this long
+    # before `poll` exits (saying so); the next poll or `gembatch cleanup` goes on with
+    # them. A delete refused for good (a revoked key) must not keep the command forever.
+    cleanup_wait: float = 600.0
 
 
 def validate(files: list[str], options: SubmitOptions) -> list[ValidatedInput]:
@@ -222,6 +226,7 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
         live = Live(monitor_view(jobs, info, time.time()), console=console, auto_refresh=False)
         quiet = _quiet_keyboard()
         live.start(refresh=True)
+    ended_at: float | None = None  # when every job had ended (cleanup may go on)
     try:
         while True:
             report = await _interruptible(engine.cycle(), live, reporter, jobs, info)
@@ -233,8 +238,14 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
                 for job_id, msg in report.errors
             ]
             _report_records(engine, told)
-            # Remote deletes that failed are retried until done, after the jobs have ended.
-            done = (report.unfinished == 0 and report.cleanup_pending == 0) or options.once
+            # Remote deletes that failed are retried after the jobs have ended, until done
+            # or for `cleanup_wait` seconds.
+            if report.unfinished == 0 and ended_at is None:
+                ended_at = now
+            gave_up = ended_at is not None and now - ended_at >= options.cleanup_wait
+            done = (report.unfinished == 0 and (report.cleanup_pending == 0 or gave_up)) or (
+                options.once
+            )
             wake = None if done else now + options.interval
             if wake is not None and report.next_due is not None:
                 wake = min(wake, max(report.next_due, now + 0.2))
@@ -272,6 +283,13 @@ async def poll(engine: Engine, options: PollOptions, out: TextIO) -> int:
         reporter.summary(jobs)
     else:
         _summary(jobs, out)
+    if not options.once and report.unfinished == 0 and report.cleanup_pending:
+        print(
+            f"note: {report.cleanup_pending} remote file(s) or batch(es) could not be deleted "
+            f"yet (see the errors above); `gembatch poll` again later, or `gembatch cleanup`, "
+            "deletes them",
+            file=sys.stderr,
+        )
     unfinished = [j for j in jobs if not j.status.terminal]
     if options.once and unfinished:
         return 0

@@ -15,6 +15,7 @@ def poll(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", metavar="", help="One cycle, then exit."),
     interval: float = common.INTERVAL,
+    cleanup_wait: float = common.CLEANUP_WAIT,
     concurrency: int = typer.Option(32, "--concurrency", min=1, help="Batches checked at once."),
     max_live_batches: int = typer.Option(
         10, "--max-live-batches", min=0, help="Remote batches pending or running at once."
@@ -36,6 +37,7 @@ def poll(
             once=once,
             concurrency=concurrency,
             max_live_batches=max_live_batches,
+            cleanup_wait=cleanup_wait,
         )
         lock = flow.exclusive_poll_lock(opts.job_info)
         engine = flow.engine_for(common.ledger_for(ctx), remote, options, role="poll")

@@ -249,6 +249,7 @@ def run(
     retry_interval: float = RETRY_INTERVAL,
     max_live_batches: int = MAX_LIVE,
     interval: float = common.INTERVAL,
+    cleanup_wait: float = common.CLEANUP_WAIT,
 ) -> None:
     """Submit request files, then poll until every job is finished."""
     from gembatch.cli import flow
@@ -271,7 +272,9 @@ def run(
     with common.local_emulator(opts):
         remote = common.make_remote()
         inputs = flow.validate(files, options)
-        poll_options = flow.PollOptions(interval=interval, max_live_batches=max_live_batches)
+        poll_options = flow.PollOptions(
+            interval=interval, max_live_batches=max_live_batches, cleanup_wait=cleanup_wait
+        )
         lock = flow.exclusive_poll_lock(opts.job_info)
         engine = flow.engine_for(common.ledger_for(ctx), remote, poll_options, role="run")
 

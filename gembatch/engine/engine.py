@@ -114,6 +114,12 @@ class EngineSettings:
     # settles "not made" only if it began at least this long after that moment. Until then
     # the task stays create_unknown and is looked for again, never created again.
     create_grace_seconds: float = 10.0
+    # The longest a create may go on at Gemini after it was sent when no answer came back
+    # (a connection cut or reset): the SDK asks the server to give up after the request
+    # timeout (X-Server-Timeout), 120 s by default. None: the Remote's own timeout. A
+    # listing counts as "not made" only after this too, so a create still running there
+    # is never answered with a second one.
+    create_request_timeout: float | None = None
 
 
 @dataclass
@@ -746,6 +752,7 @@ class Engine:
         task = job.task(index)
         assert task.uploaded_file_name and job.model
         failpoint("create.before_call")
+        sent = self.clock()
         try:
             batch = await self.remote.create_batch(
                 job.model, task.uploaded_file_name, task.display_name
@@ -755,7 +762,7 @@ class Engine:
             classified = classify(exc)
             if not classified.definitive:
                 # The create may have happened: never create again before a listing says.
-                return await self._create_unknown(job, index, classified)
+                return await self._create_unknown(job, index, classified, sent)
             deleted = False
             # Only while the claim holds: a process that took the task over may be
             # creating its batch from this very file.
@@ -772,13 +779,22 @@ class Engine:
             )
         return await self._created(job, index, batch.to_batch_dict())
 
-    async def _create_unknown(self, job: Job, index: int, classified: Classified) -> StartOutcome:
+    async def _create_unknown(
+        self, job: Job, index: int, classified: Classified, sent: float
+    ) -> StartOutcome:
         """A create that may or may not have made its batch: one look right away (a reply
         lost after the batch was made is found at once), else the task is recorded as
         create_unknown for the cycles to settle. Its uploaded input stays: the batch, if
         it exists, reads it."""
         task = job.task(index)
         gave_up = self.clock()  # a create still in flight lands after this, if at all
+        if classified.http_status is None:
+            # No answer at all (a cut connection): the server may still be working on it
+            # until its own timeout, counted from when the request was sent.
+            limit = self.settings.create_request_timeout
+            if limit is None:
+                limit = float(getattr(self.remote, "timeout", 120.0))
+            gave_up = max(gave_up, sent + limit)
         with contextlib.suppress(Exception):  # a failed look is the cycle's to repeat
             found = (await self.remote.find_batches({task.display_name})).get(task.display_name)
             if found is not None:

@@ -114,6 +114,7 @@ class Remote:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._semaphore = asyncio.Semaphore(concurrency)
+        self.timeout = timeout  # seconds; also the server's own limit (X-Server-Timeout)
         # Calls and failures by SDK method, for `/metrics` (seed 004's resource monitoring).
         self.stats: dict[str, Counter[str]] = {"calls": Counter(), "errors": Counter()}
         # Several small pools rather than one big one: httpcore scans every connection of

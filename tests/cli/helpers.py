@@ -13,8 +13,15 @@ from typing import Any
 
 from gembatch.emulator.process import EmulatorProcess
 
+# create_request_timeout: a create cut off without an answer may land for this long (120 s
+# against Gemini); the emulator's creates take milliseconds.
 FAST_ENGINE = json.dumps(
-    {"download_retry_interval": 0.2, "poll_retry_interval": 0.2, "max_download_attempts": 3}
+    {
+        "download_retry_interval": 0.2,
+        "poll_retry_interval": 0.2,
+        "max_download_attempts": 3,
+        "create_request_timeout": 3.0,
+    }
 )
 
 

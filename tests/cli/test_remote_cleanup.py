@@ -86,3 +86,25 @@ def test_a_new_poll_finishes_the_cleanup_a_stopped_one_left(
     assert polled.returncode == 0, polled.stdout + polled.stderr
     stats = emulator.stats()
     assert stats["files"] == 0 and stats["batches"] == {}, stats
+
+
+def test_a_poll_whose_deletes_keep_failing_exits_after_the_cleanup_wait_saying_so(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    """A delete refused for good (here a 403 on every files.delete) must not keep `poll`
+    running for ever once the jobs have ended: it retries for --cleanup-wait seconds, then
+    exits with the jobs' own outcome and says what is left and how to delete it."""
+    refused = [{"endpoint": "files.delete", "status": 403, "message": "key revoked"}]
+    emulator = emulator_factory({**FAST, "faults": {"rules": refused}})
+    request_file(tmp_path / "a.jsonl", 3)
+    env = {"GEMBATCH_ENGINE": ENGINE}
+    done = gembatch(
+        emulator, tmp_path, "run", "--interval", "0.2", "--cleanup-wait", "2", "a.jsonl", env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # the job itself completed
+    assert [r["status"] for r in ledger(tmp_path)] == ["completed"]
+    assert emulator.stats()["faults"].get("files.delete", 0) >= 4  # retried meanwhile
+    assert "could not be deleted yet" in done.stderr, done.stderr
+    assert "gembatch cleanup" in done.stderr
+    shown = json.loads(gembatch(emulator, tmp_path, "status", "--json").stdout)
+    assert shown[0]["remote_cleanup_pending"] == 2  # the input and the output file

@@ -28,7 +28,10 @@ from gembatch.server.process import ServiceProcess
 TERMINAL = ("completed", "failed", "cancelled")
 SERVICE_ARGS = ("--poll-interval", "0.2")
 # Retries of downloads and polls come back quickly: a test waits seconds, not minutes.
-FAST_ENGINE = json.dumps({"download_retry_interval": 0.2, "poll_retry_interval": 0.2})
+# create_request_timeout: see tests/cli/helpers.py.
+FAST_ENGINE = json.dumps(
+    {"download_retry_interval": 0.2, "poll_retry_interval": 0.2, "create_request_timeout": 3.0}
+)
 
 
 # -- services -------------------------------------------------------------------------------
