@@ -29,7 +29,9 @@ T = TypeVar("T")
 LOCAL_STATE_DIR = ".gembatch-emulator"
 
 # Shared by `poll` and `run`: a poll interval of 0 (or less) would call Gemini in a loop.
-INTERVAL = typer.Option(30.0, "--interval", min=0.1, help="Seconds between polls.")
+INTERVAL = typer.Option(
+    30.0, "--interval", metavar="SECONDS", min=0.1, help="Time between two checks of the jobs."
+)
 
 
 def check_ledger_path(path: Path) -> None:

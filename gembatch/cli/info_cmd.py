@@ -25,20 +25,26 @@ def info(
     ctx: typer.Context,
     ledger: Path | None = typer.Argument(
         None,
-        help="The ledger to read (default: the --job-info path).",
+        metavar="LEDGER",
+        help="The ledger file to read (default: the --job-info path).",
         show_default=False,
         readable=False,  # `_check_readable` says what is wrong and what to do
     ),
     lock_timeout: float = typer.Option(
-        30.0, "--lock-timeout", help="Seconds to wait while another command holds the ledger."
+        30.0,
+        "--lock-timeout",
+        metavar="SECONDS",
+        help="How long to wait while another command holds the ledger.",
     ),
 ) -> None:
     """Print every job of a ledger as one JSON object per line; never writes the ledger.
 
-    Records already in the current format are printed as they are ("count" is added when
-    missing). Legacy v0.1.0 records are converted to the current format, which needs the
-    Gemini API (GEMINI_API_KEY); with --local they are converted from the record alone.
-    Problems go to stderr as LEDGER:LINE: ...; the exit code is then 1.
+    The original gembatch's `batch_info` command, for ledgers it or gembatch wrote.
+    Records in its current format are printed as they are ("count" is added when
+    missing). Records of its first version (v0.1.0: job_name, no batch object) are
+    converted to the current format, which asks the Gemini API (GEMINI_API_KEY); with
+    --local they are converted from the record alone. Problems go to stderr as
+    LEDGER:LINE: ...; the exit code is then 1.
     """
     options = settings(ctx)
     path = ledger if ledger is not None else options.job_info
