@@ -7,7 +7,6 @@ line it cannot use (`LEDGER:LINE: what; what to do`) instead of dropping it.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -100,16 +99,12 @@ def _needs_api(path: Path, lock_timeout: float) -> bool:
 
 
 def _print_jobs(jobs: list[dict], derived_ids: frozenset[str]) -> None:
-    out = sys.stdout.buffer
-    try:
-        for job in jobs:
-            if job.get("id") in derived_ids:  # an id gembatch made up is not in the file
-                del job["id"]
-            out.write(dumps_record(job) + b"\n")
-        out.flush()
-    except BrokenPipeError:  # `gembatch info | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
+    out = sys.stdout.buffer  # `gembatch info | head`: see gembatch/cli/pipes.py
+    for job in jobs:
+        if job.get("id") in derived_ids:  # an id gembatch made up is not in the file
+            del job["id"]
+        out.write(dumps_record(job) + b"\n")
+    out.flush()
 
 
 def _print_problems(path: Path, problems: list[LedgerProblem]) -> None:
