@@ -104,8 +104,9 @@ class Typer(typer.Typer):
 app = Typer(
     name="gembatch",
     help="Run thousands of Gemini requests through the Gemini Batch API, safely.\n\n"
-    "Try `gembatch demo` (offline, no API key). Then set GEMINI_API_KEY (or add --local "
-    "for the built-in emulator), `gembatch submit FILE...` and `gembatch poll`.",
+    "Try `gembatch demo` (offline, no API key). Then set GEMINI_API_KEY and run "
+    "`gembatch submit FILE...` and `gembatch poll` (or, offline, `gembatch --local submit "
+    "FILE...` and `gembatch --local poll`).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
