@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Most tests wait on real processes (emulator, gembatch); four at a time fit 2 cores.
 PYTEST_ARGS ?= -n 4 --durations=15
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo docs lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m gembatch demo
+
+# The README's command reference, rendered from the commands' own help.
+docs: $(STAMP)
+	$(BIN)/python -m gembatch.cli.reference README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,27 +51,35 @@ def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ..
 
 
 def main() -> None:
+    from gembatch.cli.pipes import flush_standard_streams, guard_standard_streams
     from gembatch.runtime import tune_gc
 
     tune_gc()
+    guard_standard_streams()  # `gembatch ... | head -1`: exit 141, nothing on stderr
+    code = _run()
+    flush_standard_streams()  # a reader gone by now ends it the same way
+    sys.exit(code)
+
+
+def _run() -> int | str | None:
+    """Run the command; its exit code (or a message for SystemExit to print)."""
     usage, abort, exit_ = _click_classes()
     try:
         code = app(standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        return code if isinstance(code, int) else 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
+        return 130
+    except SystemExit as exc:
+        return exc.code
     except exit_ as exc:
-        sys.exit(getattr(exc, "exit_code", 0))
+        return getattr(exc, "exit_code", 0)
     except usage as exc:  # a usage error: click's short message, no traceback
         exc.show()  # type: ignore[attr-defined]
-        sys.exit(getattr(exc, "exit_code", 2))
+        return getattr(exc, "exit_code", 2)
     except abort:
         print("aborted", file=sys.stderr)
-        sys.exit(1)
+        return 1

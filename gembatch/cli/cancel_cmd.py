@@ -14,9 +14,13 @@ from gembatch.errors import UserError
 @app.command()
 def cancel(
     ctx: typer.Context,
-    job: str = typer.Argument(..., metavar="JOB|FILE", help="A job id or its input file."),
+    job: str = typer.Argument(..., metavar="JOB|FILE", help="A job id, or its request file."),
 ) -> None:
-    """Cancel a job: its remote batches are cancelled; results already made are kept."""
+    """Cancel a job: its remote batches are cancelled; results already made are kept.
+
+    If Gemini cannot be reached, the job stays cancelling and the next `gembatch poll`
+    sends the cancel again; poll also collects what already finished.
+    """
     from gembatch.jobs import InvalidTransition
 
     opts = settings(ctx)
@@ -62,10 +66,16 @@ def cancel(
 def retry(
     ctx: typer.Context,
     job: str | None = typer.Argument(
-        None, metavar="[JOB|FILE]", help="A job id or input file; default: every failed job."
+        None,
+        metavar="JOB|FILE",
+        help="A job id, or its request file (default: every job with something to retry).",
     ),
 ) -> None:
-    """Resubmit failed or expired jobs, and requests that failed inside a finished batch."""
+    """Resubmit failed or expired jobs, and requests that failed inside a finished batch.
+
+    Only what failed gets a new batch; the job's results file then holds one line per key.
+    `gembatch poll` collects the new results.
+    """
     from gembatch.jobs import InvalidTransition, JobStatus, TaskState
 
     opts = settings(ctx)

@@ -15,16 +15,19 @@ from gembatch.errors import UserError
 @app.command()
 def cleanup(
     ctx: typer.Context,
-    yes: bool = typer.Option(False, "-y", "--yes", metavar="", help="Do not ask for confirmation."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Delete without asking first."),
     everything: bool = typer.Option(
         False,
         "--all",
-        metavar="",
-        help="Every file and finished batch in the project, not only this ledger's "
+        help="Every file and finished batch in the Gemini project, not only this ledger's "
         "(pending or running batches and the files they use are never deleted).",
     ),
 ) -> None:
-    """Delete the remote inputs, batches and outputs of this ledger's finished jobs."""
+    """Delete the remote inputs, batches and outputs of this ledger's finished jobs.
+
+    Lists what it will delete and asks first (off a terminal, -y is required). Results
+    that were never downloaded are kept, with the command that downloads them.
+    """
     from gembatch.engine.engine import Engine, cleanup_targets
 
     opts = settings(ctx)

@@ -29,12 +29,15 @@ T = TypeVar("T")
 LOCAL_STATE_DIR = ".gembatch-emulator"
 
 # Shared by `poll` and `run`: a poll interval of 0 (or less) would call Gemini in a loop.
-INTERVAL = typer.Option(30.0, "--interval", min=0.1, help="Seconds between polls.")
+INTERVAL = typer.Option(
+    30.0, "--interval", metavar="SECONDS", min=0.1, help="Time between two checks of the jobs."
+)
 CLEANUP_WAIT = typer.Option(
     600.0,
     "--cleanup-wait",
+    metavar="SECONDS",
     min=0,
-    help="Once every job has ended, seconds to keep retrying remote deletes that failed "
+    help="Once every job has ended, how long to keep retrying remote deletes that failed "
     "before exiting (the next poll or `gembatch cleanup` goes on with them).",
 )
 

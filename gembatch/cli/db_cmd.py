@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import filelock
 import typer
 
-from gembatch.cli.app import app
+from gembatch.cli.app import Typer, app
 from gembatch.errors import UserError
 from gembatch.fsutil import fsync_dir
 
@@ -40,7 +40,7 @@ DEFAULT_DB = "sqlite:///gembatch.db"
 SERVER_LOCK_SUFFIX = ".server.lock"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
-db_app = typer.Typer(
+db_app = Typer(
     name="db",
     help="Back up, restore and check the service's database (`gembatch serve --db`).",
     no_args_is_help=True,
@@ -48,12 +48,16 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 
 DB_OPTION = typer.Option(
-    DEFAULT_DB, "--db", help="The service's database URL (as given to `gembatch serve`)."
+    DEFAULT_DB,
+    "--db",
+    metavar="URL",
+    help="The service's database URL (as given to `gembatch serve`).",
 )
 DEFAULT_DATA_DIR = Path("gembatch-data")
 DATA_DIR_OPTION = typer.Option(
     DEFAULT_DATA_DIR,
     "--data-dir",
+    metavar="DIR",
     help="The service's data directory (as given to `gembatch serve`): it must hold the "
     "files the database's jobs need.",
 )
@@ -62,9 +66,11 @@ MAX_LISTED = 10
 
 @db_app.command()
 def backup(
-    path: Path = typer.Argument(..., help="Where to write the copy (a file, or a directory)."),
+    path: Path = typer.Argument(
+        ..., metavar="PATH", help="Where to write the copy (a file, or a directory)."
+    ),
     db: str = DB_OPTION,
-    force: bool = typer.Option(False, "--force", metavar="", help="Overwrite PATH if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite PATH if it exists."),
 ) -> None:
     """Write a consistent copy of the database, safe while the server is running.
 
@@ -109,7 +115,9 @@ def backup(
 
 @db_app.command()
 def restore(
-    path: Path = typer.Argument(..., help="A backup written by `gembatch db backup`."),
+    path: Path = typer.Argument(
+        ..., metavar="FILE", help="A backup written by `gembatch db backup`."
+    ),
     db: str = DB_OPTION,
     data_dir: Path = DATA_DIR_OPTION,
     allow_missing: bool = typer.Option(

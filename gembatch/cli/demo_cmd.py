@@ -16,10 +16,18 @@ EXAMPLES_DIR = (Path(__file__).resolve().parent.parent / "examples").resolve()
 @app.command()
 def demo(
     directory: Path = typer.Option(
-        EXAMPLES_DIR, "--dir", help="Directory of request files (*.jsonl) to run."
+        EXAMPLES_DIR,
+        "--dir",
+        metavar="DIR",
+        help="Directory of request files (*.jsonl) to run.",
+        show_default="the bundled examples",  # not this machine's install path
     ),
 ) -> None:
-    """Submit the bundled examples to the built-in emulator, watch them, show the results."""
+    """Submit the bundled examples to the built-in emulator, watch them, show the results.
+
+    Works offline, with no API key: the emulator runs inside the command and its state
+    goes away with it.
+    """
     from gembatch.cli import common, flow
     from gembatch.errors import UserError
     from gembatch.results import summarize_usage

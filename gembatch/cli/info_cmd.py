@@ -7,7 +7,6 @@ line it cannot use (`LEDGER:LINE: what; what to do`) instead of dropping it.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,20 +24,26 @@ def info(
     ctx: typer.Context,
     ledger: Path | None = typer.Argument(
         None,
-        help="The ledger to read (default: the --job-info path).",
+        metavar="LEDGER",
+        help="The ledger file to read (default: the --job-info path).",
         show_default=False,
         readable=False,  # `_check_readable` says what is wrong and what to do
     ),
     lock_timeout: float = typer.Option(
-        30.0, "--lock-timeout", help="Seconds to wait while another command holds the ledger."
+        30.0,
+        "--lock-timeout",
+        metavar="SECONDS",
+        help="How long to wait while another command holds the ledger.",
     ),
 ) -> None:
     """Print every job of a ledger as one JSON object per line; never writes the ledger.
 
-    Records already in the current format are printed as they are ("count" is added when
-    missing). Legacy v0.1.0 records are converted to the current format, which needs the
-    Gemini API (GEMINI_API_KEY); with --local they are converted from the record alone.
-    Problems go to stderr as LEDGER:LINE: ...; the exit code is then 1.
+    The original gembatch's `batch_info` command, for ledgers it or gembatch wrote.
+    Records in its current format are printed as they are ("count" is added when
+    missing). Records of its first version (v0.1.0: job_name, no batch object) are
+    converted to the current format, which asks the Gemini API (GEMINI_API_KEY); with
+    --local they are converted from the record alone. Problems go to stderr as
+    LEDGER:LINE: ...; the exit code is then 1.
     """
     options = settings(ctx)
     path = ledger if ledger is not None else options.job_info
@@ -94,16 +99,12 @@ def _needs_api(path: Path, lock_timeout: float) -> bool:
 
 
 def _print_jobs(jobs: list[dict], derived_ids: frozenset[str]) -> None:
-    out = sys.stdout.buffer
-    try:
-        for job in jobs:
-            if job.get("id") in derived_ids:  # an id gembatch made up is not in the file
-                del job["id"]
-            out.write(dumps_record(job) + b"\n")
-        out.flush()
-    except BrokenPipeError:  # `gembatch info | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from None
+    out = sys.stdout.buffer  # `gembatch info | head`: see gembatch/cli/pipes.py
+    for job in jobs:
+        if job.get("id") in derived_ids:  # an id gembatch made up is not in the file
+            del job["id"]
+        out.write(dumps_record(job) + b"\n")
+    out.flush()
 
 
 def _print_problems(path: Path, problems: list[LedgerProblem]) -> None:

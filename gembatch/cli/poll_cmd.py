@@ -13,18 +13,25 @@ from gembatch.cli.app import app, settings
 @app.command()
 def poll(
     ctx: typer.Context,
-    once: bool = typer.Option(False, "--once", metavar="", help="One cycle, then exit."),
+    once: bool = typer.Option(False, "--once", help="Check every job once, then exit."),
     interval: float = common.INTERVAL,
     cleanup_wait: float = common.CLEANUP_WAIT,
-    concurrency: int = typer.Option(32, "--concurrency", min=1, help="Batches checked at once."),
+    concurrency: int = typer.Option(
+        32, "--concurrency", metavar="N", min=1, help="Batches checked at the same time."
+    ),
     max_live_batches: int = typer.Option(
-        10, "--max-live-batches", min=0, help="Remote batches pending or running at once."
+        10,
+        "--max-live-batches",
+        metavar="N",
+        min=0,
+        help="Remote batches pending or running at once, all jobs together (Gemini allows 100).",
     ),
 ) -> None:
     """Poll every unfinished job; download, verify and clean up as they finish.
 
-    Shows a live table on a terminal, one line per event otherwise. Ctrl-C stops
-    cleanly; running it again resumes where it stopped.
+    Submits queued jobs as slots free up. Shows a live table on a terminal, one line per
+    event otherwise. Exits when every job is finished (1 if any failed). Ctrl-C stops
+    cleanly; running it again resumes where it stopped. One poll per ledger at a time.
     """
     from gembatch.cli import flow
 

@@ -16,12 +16,24 @@ from gembatch.errors import UserError
 @app.command()
 def results(
     ctx: typer.Context,
-    file: str = typer.Argument(..., metavar="FILE|JOB", help="An input file or a job id."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write here, not stdout."),
+    file: str = typer.Argument(
+        ..., metavar="FILE|JOB", help="A request file, or the id of its job."
+    ),
+    fmt: str = typer.Option("jsonl", "--format", metavar="FORMAT", help="jsonl or csv."),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="Write to this file (complete, or not at all) instead of stdout.",
+    ),
 ) -> None:
-    """One record per input key, in input order: succeeded (with the answer text),
-    failed (with the error) or missing. Exit 1 when any key failed or is missing."""
+    """Join results to their requests: one record per input key, in input order.
+
+    Each record says succeeded (with the answer text, finish reason and tokens), failed
+    (with the error) or missing. A file that is not in the ledger is joined with
+    results/NAME beside it. The exit code is 1 when any key failed or is missing.
+    """
     from gembatch.jobs import Job
 
     if fmt not in ("jsonl", "csv"):

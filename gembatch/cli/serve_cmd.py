@@ -14,31 +14,71 @@ from gembatch.errors import UserError
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8080, help="Port (0: any free port)."),
-    db: str = typer.Option("sqlite:///gembatch.db", "--db", help="The ledger database URL."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        metavar="ADDRESS",
+        help="Address to listen on (without --tokens: localhost or a loopback address only).",
+    ),
+    port: int = typer.Option(8080, metavar="PORT", help="Port to listen on (0: any free port)."),
+    db: str = typer.Option(
+        "sqlite:///gembatch.db",
+        "--db",
+        metavar="URL",
+        help="The service's database: sqlite:///PATH, or postgresql://... for several servers.",
+    ),
     data_dir: Path = typer.Option(
-        Path("gembatch-data"), "--data-dir", help="Inputs, results, and files for input_file."
+        Path("gembatch-data"),
+        "--data-dir",
+        metavar="DIR",
+        help="Where jobs' inputs and results are kept, and input_file paths are looked up.",
     ),
     tokens: Path | None = typer.Option(
-        None, "--tokens", help="API tokens: one `TOKEN USER` per line (or $GEMBATCH_TOKENS)."
+        None,
+        "--tokens",
+        metavar="FILE",
+        help="API tokens, one `TOKEN USER` per line (or $GEMBATCH_TOKENS); without any, the "
+        "service has one local user.",
     ),
-    max_upload_mb: int = typer.Option(2048, "--max-upload-mb", help="Largest request body."),
-    poll_interval: float = typer.Option(10.0, "--poll-interval", help="Seconds between polls."),
-    max_live_batches: int = typer.Option(10, "--max-live-batches", help="Live remote batches."),
-    ping_interval: float = typer.Option(30.0, "--ping-interval", help="SSE ping when idle (s)."),
+    max_upload_mb: int = typer.Option(
+        2048, "--max-upload-mb", metavar="MB", help="Largest request body accepted, in MiB."
+    ),
+    poll_interval: float = typer.Option(
+        10.0,
+        "--poll-interval",
+        metavar="SECONDS",
+        help="Time between two checks of the remote batches.",
+    ),
+    max_live_batches: int = typer.Option(
+        10,
+        "--max-live-batches",
+        metavar="N",
+        help="Remote batches pending or running at once, all jobs together (Gemini allows 100).",
+    ),
+    ping_interval: float = typer.Option(
+        30.0,
+        "--ping-interval",
+        metavar="SECONDS",
+        help="A live stream (SSE) with no event for this long gets a ping.",
+    ),
     event_requery_interval: float = typer.Option(
         5.0,
         "--event-requery-interval",
-        help="PostgreSQL: re-read followed jobs' events this often without a NOTIFY (s).",
+        metavar="SECONDS",
+        help="PostgreSQL: re-read the events of followed jobs this often, in case a "
+        "notification from another server was lost.",
     ),
     lease_seconds: float = typer.Option(
         30.0,
         "--lease-seconds",
-        help="PostgreSQL: how long a claim outlives a silent server before another takes over.",
+        metavar="SECONDS",
+        help="PostgreSQL: how long a server's claim on a job outlives the server's silence "
+        "before another server takes the job over.",
     ),
     notify_url: str | None = typer.Option(
-        None, "--notify-url", help="POST every finished job here (JSON)."
+        None,
+        "--notify-url",
+        metavar="URL",
+        help="POST a JSON message here whenever a job finishes (a public http(s) URL).",
     ),
     notify_allow_private: bool = typer.Option(
         False,
@@ -46,15 +86,33 @@ def serve(
         help="Let webhooks go to loopback and private addresses (tests, intranets).",
     ),
     notify_attempts: int = typer.Option(
-        8, "--notify-attempts", help="Deliveries of one webhook before giving up."
+        8, "--notify-attempts", metavar="N", help="Tries to deliver one webhook before giving up."
     ),
     notify_max_delay: float = typer.Option(
-        300.0, "--notify-max-delay", help="Longest wait between webhook retries (s)."
+        300.0,
+        "--notify-max-delay",
+        metavar="SECONDS",
+        help="Longest wait between two tries of a webhook.",
     ),
-    model: str | None = typer.Option(None, "-m", "--model", help="Default model for jobs."),
-    log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
+    model: str | None = typer.Option(
+        None,
+        "-m",
+        "--model",
+        metavar="MODEL",
+        help="Model of jobs that name none (default: $GEMBATCH_MODEL, else gemini-2.5-flash-lite).",
+    ),
+    log_level: str = typer.Option(
+        "warning",
+        "--log-level",
+        metavar="LEVEL",
+        help="The HTTP server's log level: critical, error, warning, info, debug or trace.",
+    ),
 ) -> None:
-    """Serve the job API: create jobs over HTTP, follow them by polling or SSE."""
+    """Serve the job API: create jobs over HTTP, follow them by polling or SSE.
+
+    The same engine as the command line, behind an HTTP API, with a web page at / and
+    the API's documentation at /docs. Needs GEMINI_API_KEY (or --local).
+    """
     import os
 
     import filelock

@@ -15,11 +15,13 @@ from gembatch.cli.app import app
 @app.command()
 def status(
     ctx: typer.Context,
-    as_json: bool = typer.Option(
-        False, "--json", metavar="", help="JSON (one array) instead of a table."
-    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array instead of a table."),
 ) -> None:
-    """Show every job in the ledger."""
+    """Show every job in the ledger: state, progress, times. No network.
+
+    Ledger lines that cannot be read are named on stderr (LEDGER:LINE) and the exit code
+    is then 1.
+    """
     from gembatch.cli.monitor import status_json, status_table
     from gembatch.jobs import Job
 

@@ -11,60 +11,90 @@ from gembatch.cli import common
 from gembatch.cli.app import app, settings
 from gembatch.errors import UserError
 
-FILES = typer.Argument(..., metavar="FILE", help="JSONL request files.")
+FILES = typer.Argument(
+    ...,
+    metavar="FILE",
+    help='JSONL request files: one {"key": ..., "request": ...} object per line.',
+)
 MODEL = typer.Option(
-    None, "-m", "--model", help="Model (default gemini-2.5-flash-lite, or $GEMBATCH_MODEL)."
+    None,
+    "-m",
+    "--model",
+    metavar="MODEL",
+    help="Gemini model (default: $GEMBATCH_MODEL, else gemini-2.5-flash-lite).",
 )
 DRY_RUN = typer.Option(
     False,
     "--dry-run",
-    metavar="",
-    help="Validate and show what would be submitted; upload nothing.",
+    help="Validate and show what would be submitted (requests, bytes, batches); upload nothing.",
 )
 FORCE = typer.Option(
     False,
     "--force",
-    metavar="",
-    help="Submit even if the same file or content was submitted before (the new job's "
-    "results go to a file of their own; earlier results are never overwritten).",
+    help="Submit even a file (or the same content) submitted before; the new job's "
+    "results go to a file of their own.",
 )
-PRIORITY = typer.Option(0, "--priority", help="Higher runs first (FIFO within a priority).")
+PRIORITY = typer.Option(
+    0,
+    "--priority",
+    metavar="N",
+    help="Higher numbers go first; equal numbers first come, first served.",
+)
 MAX_TASK_BYTES = typer.Option(
-    None, "--max-task-bytes", min=1, help="Split inputs larger than this into several batches."
+    None,
+    "--max-task-bytes",
+    metavar="BYTES",
+    min=1,
+    help="Split a file larger than this into several batches.",
 )
 MAX_TASK_REQUESTS = typer.Option(
-    None, "--max-task-requests", min=1, help="Split inputs with more requests than this."
+    None,
+    "--max-task-requests",
+    metavar="N",
+    min=1,
+    help="Split a file of more requests than this into several batches.",
 )
 MAX_PARALLEL = typer.Option(
-    None, "--max-parallel-tasks", min=1, help="At most this many of a job's batches live at once."
+    None,
+    "--max-parallel-tasks",
+    metavar="N",
+    min=1,
+    help="At most this many of one job's batches pending or running at once.",
 )
 MAX_ATTEMPTS = typer.Option(
     3,
     "--max-attempts",
+    metavar="N",
     min=1,
-    help="Tries per batch (retryable errors, and EXPIRED with --retry-on EXPIRED).",
+    help="Tries per batch when an error is retried (see --retry-on).",
 )
 RETRY_ON = typer.Option(
     None,
     "--retry-on",
-    help="Error class to retry (repeatable); default RATE_LIMITED, SERVER_ERROR, NETWORK, TIMEOUT.",
+    metavar="CLASS",
+    help="Error class to retry, repeatable; replaces the default (RATE_LIMITED, SERVER_ERROR, "
+    "NETWORK, TIMEOUT). Also: EXPIRED, BATCH_FAILED.",
 )
 RETRY_FAILED = typer.Option(
     False,
     "--retry-failed-requests",
-    metavar="",
-    help="Resubmit requests that failed inside a succeeded batch automatically.",
+    help="Resubmit, as a new batch, the requests that failed inside a batch that succeeded.",
 )
 RETRY_INTERVAL = typer.Option(
-    30.0, "--retry-interval", min=0.0, help="Seconds before the first retry; doubled each time."
+    30.0,
+    "--retry-interval",
+    metavar="SECONDS",
+    min=0.0,
+    help="Wait before the first retry; doubled each time.",
 )
 MAX_LIVE = typer.Option(
     10,
     "--max-live-batches",
+    metavar="N",
     min=0,
-    help="Remote batches pending or running at once (Gemini allows 100).",
+    help="Remote batches pending or running at once, all jobs together (Gemini allows 100; "
+    "0: queue only, `gembatch poll` submits).",
 )
-
 
 # RetryConfig's fields, as the command line spells them (for its error messages).
 _RETRY_OPTIONS = {
@@ -148,7 +178,13 @@ def submit(
     retry_interval: float = RETRY_INTERVAL,
     max_live_batches: int = MAX_LIVE,
 ) -> None:
-    """Validate, upload and submit request files; skip ones already submitted."""
+    """Validate, upload and submit request files; skip ones already submitted.
+
+    Every file (and the model) is checked before anything is uploaded: each problem is
+    named with its file and line. A file submitted before (same path or same content) is
+    skipped unless --force. One line per file tells what happened; the exit code is
+    non-zero if any file failed. `gembatch poll` then collects the results.
+    """
     options = submit_options(
         model,
         dry_run,
@@ -251,7 +287,11 @@ def run(
     interval: float = common.INTERVAL,
     cleanup_wait: float = common.CLEANUP_WAIT,
 ) -> None:
-    """Submit request files, then poll until every job is finished."""
+    """Submit request files, then poll until every job is finished.
+
+    The options of `submit`, and `poll`'s --interval. The exit code is 1 unless every one
+    of these files' jobs completed.
+    """
     from gembatch.cli import flow
 
     options = submit_options(

@@ -69,7 +69,7 @@ def test_option_values_out_of_range_are_refused_before_any_work(
 def test_help_shows_flags_without_a_value(tmp_path: Path) -> None:
     done = gembatch(None, tmp_path, "--help")
     assert done.returncode == 0
-    (local,) = [line for line in done.stdout.splitlines() if "--local" in line]
+    (local,) = [line for line in done.stdout.splitlines() if "│ --local " in line]
     assert "<bool>" not in local
     submit = gembatch(None, tmp_path, "submit", "--help").stdout
     assert not [line for line in submit.splitlines() if "--force" in line and "<bool>" in line]
