@@ -44,6 +44,14 @@ class JobStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+# Unfinished jobs: what each engine cycle works on.
+ACTIVE_STATUSES = frozenset(s for s in JobStatus if s not in TERMINAL_STATUSES)
+# Jobs whose tasks may be started (uploaded and created); a cancelling one starts nothing.
+STARTABLE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.RUNNING})
+# What clients see (seed 003's vocabulary plus `cancelled`), in the order of a job's life.
+PUBLIC_STATUSES: tuple[str, ...] = tuple(
+    dict.fromkeys(s.public for s in JobStatus)  # `cancelling` is shown as running
+)
 
 
 class Step(StrEnum):
@@ -100,7 +108,14 @@ class TaskState(StrEnum):
 TASK_TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
 # Tasks that hold one of the live remote batches counted against the global limit.
 TASK_LIVE = frozenset({TaskState.CREATING, TaskState.CREATE_UNKNOWN, TaskState.SUBMITTED})
+# States whose side effect is in progress under a claim (an `owner`): a dead owner's claim
+# is reconciled with the remote side, never blindly repeated.
 TASK_CLAIMED = frozenset({TaskState.UPLOADING, TaskState.CREATING, TaskState.DOWNLOADING})
+# Tasks that may be claimed to start (upload, or create from an upload already made).
+TASK_CLAIMABLE = frozenset({TaskState.NEW, TaskState.UPLOADED})
+# Tasks that count against the live-batch limit: live ones, and uploads in progress (their
+# batch is created right after, so they have reserved a slot).
+TASK_BUSY = TASK_LIVE | {TaskState.UPLOADING}
 
 
 class RemoteState(StrEnum):
