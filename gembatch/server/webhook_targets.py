@@ -44,6 +44,22 @@ def url_problem(url: str) -> str | None:
         return "has no host name"
     if any(c.isspace() for c in url):
         return "must not contain spaces"
+    if _ip(parts.hostname) is None:
+        problem = _host_name_problem(parts.hostname)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _host_name_problem(host: str) -> str | None:
+    """What no resolver would take in a host name (DNS: labels of at most 63 bytes, 253
+    in all, in IDNA form); the resolver itself raises UnicodeError for these."""
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        return f"has a host name DNS cannot carry ({exc})"
+    if len(encoded.rstrip(b".")) > 253:
+        return "has a host name longer than DNS allows (253 characters)"
     return None
 
 
