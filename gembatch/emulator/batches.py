@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gembatch.emulator.directives import fail_first
 from gembatch.emulator.faults import FaultInjector
-from gembatch.emulator.responders import Reply, Responder, fail_first
+from gembatch.emulator.responders import Reply, Responder
 from gembatch.emulator.store import BatchRow, FileRow, Store
 from gembatch.emulator.wire import (
     file_permission_denied,
