@@ -18,7 +18,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ _ROUTES: list[tuple[str, str | None, re.Pattern[str], str]] = [
     ("GET", None, re.compile(r"^models$"), "models.list"),
     ("GET", None, re.compile(r"^(?P<model>(?:models|tunedModels)/[^/:]+)$"), "models.get"),
 ]
+# An endpoint's method: (request, version, prefix, **path parameters) -> response.
+_Handler = Callable[..., Awaitable[Response]]
 # Starlette's Route for GET also answers HEAD; other methods get its 405.
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"})
 _UNREGISTERED = (
@@ -209,7 +211,7 @@ class Emulator:
             if not is_chunk:
                 self._authorize(request)
             decision = self.faults.decide(endpoint)
-            handler = getattr(self, "_" + endpoint.replace(".", "_"))
+            handler: _Handler = getattr(self, "_" + endpoint.replace(".", "_"))
 
             async def call() -> Response:
                 if decision.latency_seconds:
@@ -281,7 +283,7 @@ class Emulator:
         if size_text is None:
             size_text = get_field(meta, "sizeBytes")
         try:
-            total = int(size_text)  # type: ignore[arg-type]
+            total = int(size_text)
         except (TypeError, ValueError):
             raise invalid_argument(
                 "X-Goog-Upload-Header-Content-Length must give the file size in bytes."
@@ -415,7 +417,9 @@ class Emulator:
         self.store.incr("upload_bytes", upload.total_bytes)
         return row
 
-    def _file_json(self, row: FileRow, request: Request, version: str, prefix: str) -> dict:
+    def _file_json(
+        self, row: FileRow, request: Request, version: str, prefix: str
+    ) -> dict[str, Any]:
         base = _base_url(request, prefix)
         body: dict[str, Any] = {"name": f"files/{row.id}"}
         if row.display_name is not None:
@@ -641,6 +645,7 @@ class _TruncatedResponse(Response):
 
     def __init__(self, path: Path, size: int, cut: Truncation, media_type: str) -> None:
         super().__init__(media_type=media_type)
+        self.mime = media_type
         self.path = path
         self.size = size
         self.cut = cut
@@ -658,7 +663,7 @@ class _TruncatedResponse(Response):
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", self.media_type.encode()),
+                    (b"content-type", self.mime.encode()),
                     (b"content-length", str(length).encode()),
                 ],
             }

@@ -121,12 +121,14 @@ class EmulatorProcess:
 
     # -- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()
+        stats: dict[str, Any] = httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()
+        return stats
 
     def set_config(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         response = httpx.post(f"{self.base_url}/_emulator/config", json=dict(overrides), timeout=10)
         response.raise_for_status()
-        return response.json()
+        config: dict[str, Any] = response.json()
+        return config
 
     def reset(self) -> None:
         httpx.post(f"{self.base_url}/_emulator/reset", timeout=30).raise_for_status()

@@ -87,7 +87,6 @@ class EmulatorThread:
         self.port = self._sock.getsockname()[1]
         self.emulator = Emulator(state_dir, self.config)
         self._server = uvicorn.Server(_uvicorn_config(self.emulator, host, self.port))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="gembatch-emulator", daemon=True)
         self._error: BaseException | None = None
 

@@ -132,7 +132,8 @@ class BatchRow:
         return sorted(set(json.loads(self.failing)) | set(self.forced_indices()))
 
     def forced_indices(self) -> list[int]:
-        return json.loads(self.forced)
+        indices: list[int] = json.loads(self.forced)
+        return indices
 
 
 def _columns(cls: type) -> list[str]:
