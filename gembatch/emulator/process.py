@@ -8,19 +8,16 @@ introspection calls (`stats`, `set_config`, `reset`).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gembatch import processes
 from gembatch.emulator.server import READY_PREFIX
 
 DEFAULT_TEST_KEY = "emulator-test-key"
@@ -50,7 +47,6 @@ class EmulatorProcess:
         self.log_path = Path(log_path) if log_path else self.state_dir / "emulator.log"
         self.api_key = DEFAULT_TEST_KEY
         self.proc: subprocess.Popen[str] | None = None
-        self._log_thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -62,46 +58,18 @@ class EmulatorProcess:
             "--host", self.host, "--port", str(self.port),
             "--state-dir", str(self.state_dir), "--config", str(self.config_path),
         ]  # fmt: skip
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        self.proc, url = processes.start_announced(
+            cmd, READY_PREFIX, self.log_path, what="emulator", env=self.env, timeout=timeout
         )
-        deadline = time.monotonic() + timeout
-        log = open(self.log_path, "a")  # noqa: SIM115 - closed by the reader thread
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                log.close()
-                raise RuntimeError(f"emulator exited before it was ready; see {self.log_path}")
-            log.write(line)
-            log.flush()
-            if line.startswith(READY_PREFIX):
-                url = line[len(READY_PREFIX) :].split()[0]
-                self.port = int(url.rsplit(":", 1)[1])
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"emulator not ready after {timeout} s; see {self.log_path}")
-        self._log_thread = threading.Thread(
-            target=_drain, args=(self.proc.stdout, log), daemon=True
-        )
-        self._log_thread.start()
+        self.port = processes.port_of(url)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: no chance to flush or clean up."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        processes.kill(self.proc)
 
     def restart(self) -> EmulatorProcess:
         """Stop (if running) and start again on the same port with the same state."""
@@ -145,12 +113,3 @@ class EmulatorProcess:
             api_key=self.api_key,
             http_options=types.HttpOptions(base_url=self.base_url, api_version=api_version),
         )
-
-
-def _drain(stream: Any, log: Any) -> None:
-    try:
-        for line in stream:
-            log.write(line)
-            log.flush()
-    finally:
-        log.close()

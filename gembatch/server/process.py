@@ -7,11 +7,8 @@ on the same database; this wraps that, like `EmulatorProcess` does for the emula
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from gembatch import processes
 from gembatch.server.run import READY_PREFIX
 
 
@@ -59,47 +57,24 @@ class ServiceProcess:
             sys.executable, "-m", "gembatch", "serve", "--port", str(self.port),
             "--db", self.db_url, "--data-dir", str(self.data_dir), *self.args,
         ]  # fmt: skip
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        self.proc, url = processes.start_announced(
             cmd,
+            READY_PREFIX,
+            self.log_path,
+            what="gembatch serve",
+            env=self.env,
             cwd=self.workdir,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
+            timeout=timeout,
         )
-        log = open(self.log_path, "a")  # noqa: SIM115 - closed by the reader thread
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                log.close()
-                raise RuntimeError(f"gembatch serve exited early; see {self.log_path}")
-            log.write(line)
-            log.flush()
-            if line.startswith(READY_PREFIX):
-                self.port = int(line[len(READY_PREFIX) :].strip().rsplit(":", 1)[1])
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gembatch serve not ready; see {self.log_path}")
-        threading.Thread(target=_drain, args=(self.proc.stdout, log), daemon=True).start()
+        self.port = processes.port_of(url)
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        processes.kill(self.proc)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
@@ -120,12 +95,3 @@ class ServiceProcess:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"job {job_id} still {body.get('status')}: {body}")
                 time.sleep(0.1)
-
-
-def _drain(stream: Any, log: Any) -> None:
-    try:
-        for line in stream:
-            log.write(line)
-            log.flush()
-    finally:
-        log.close()
