@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import uvicorn
 
@@ -59,7 +59,7 @@ def serve_announced(server: uvicorn.Server, sock: socket.socket, ready_line: str
         runner.run(run())
 
 
-def start_announced(
+def _start_announced(
     cmd: Sequence[str],
     ready_prefix: str,
     log_path: Path,
@@ -87,7 +87,7 @@ def start_announced(
         line = proc.stdout.readline()
         if not line:
             log.close()
-            kill(proc)  # reaps it; kills one that closed its output but lives on
+            _kill(proc)  # reaps it; kills one that closed its output but lives on
             raise RuntimeError(f"{what} exited before it was ready; see {log_path}")
         log.write(line)
         log.flush()
@@ -96,17 +96,17 @@ def start_announced(
             break
         if time.monotonic() > deadline:
             log.close()
-            kill(proc)
+            _kill(proc)
             raise RuntimeError(f"{what} not ready after {timeout} s; see {log_path}")
     threading.Thread(target=_drain, args=(proc.stdout, log), daemon=True).start()
     return proc, url
 
 
-def port_of(url: str) -> int:
+def _port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-def stop(proc: subprocess.Popen[str] | None, timeout: float) -> None:
+def _stop(proc: subprocess.Popen[str] | None, timeout: float) -> None:
     """SIGTERM (a clean shutdown), then SIGKILL if it takes longer than `timeout` s."""
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -117,11 +117,60 @@ def stop(proc: subprocess.Popen[str] | None, timeout: float) -> None:
             proc.wait()
 
 
-def kill(proc: subprocess.Popen[str] | None) -> None:
+def _kill(proc: subprocess.Popen[str] | None) -> None:
     """SIGKILL: no chance to flush or clean up."""
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+class ServerProcess:
+    """A server in a child process that announces its URL: the base of the emulator's and
+    the service's harnesses, which say how to start it (`command`) and where it logs."""
+
+    what = "server"
+    ready_prefix = ""
+    start_timeout = 30.0
+    stop_timeout = 10.0
+
+    def __init__(
+        self, log_path: Path, port: int, env: Mapping[str, str] | None, cwd: Path | None = None
+    ) -> None:
+        self.log_path = log_path
+        self.port = port
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.proc: subprocess.Popen[str] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Start the server (on `port`; 0: the OS picks one) and wait for its ready line."""
+        self.proc, url = _start_announced(
+            self.command(),
+            self.ready_prefix,
+            self.log_path,
+            what=self.what,
+            env=self.env,
+            cwd=self.cwd,
+            timeout=self.start_timeout if timeout is None else timeout,
+        )
+        self.port = _port_of(url)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        _stop(self.proc, self.stop_timeout if timeout is None else timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or clean up."""
+        _kill(self.proc)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _drain(stream: IO[str], log: IO[str]) -> None:

@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -35,7 +35,7 @@ from gembatch.emulator.config import ConfigError, EmulatorConfig
 from gembatch.emulator.faults import FaultInjector, Truncation
 from gembatch.emulator.models import is_known, model_not_found, model_resource, supports_batch
 from gembatch.emulator.responders import Responder, make_responder
-from gembatch.emulator.store import FileRow, Store, UploadRow
+from gembatch.emulator.store import BatchRow, FileRow, Store, UploadRow
 from gembatch.emulator.wire import (
     ApiError,
     file_permission_denied,
@@ -72,6 +72,7 @@ _ROUTES: list[tuple[str, str | None, re.Pattern[str], str]] = [
     ("GET", None, re.compile(r"^models$"), "models.list"),
     ("GET", None, re.compile(r"^(?P<model>(?:models|tunedModels)/[^/:]+)$"), "models.get"),
 ]
+_Row = TypeVar("_Row", FileRow, BatchRow)
 # An endpoint's method: (request, version, prefix, **path parameters) -> response.
 _Handler = Callable[..., Awaitable[Response]]
 # Starlette's Route for GET also answers HEAD; other methods get its 405.
@@ -439,27 +440,31 @@ class Emulator:
         body["source"] = row.source
         return body
 
-    async def _files_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
+    def _file(self, id: str) -> FileRow:
+        """The file, unexpired; else the 403 Google answers for a file that "may not exist"."""
         row = self.store.get_file(id, time.time())
         if row is None:
             raise file_permission_denied(id)
+        return row
+
+    def _batch(self, id: str) -> BatchRow:
+        row = self.store.get_batch(id)
+        if row is None:
+            raise not_found()
+        return row
+
+    async def _files_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
+        row = self._file(id)
         return JSONResponse(self._file_json(row, request, version, prefix))
 
     async def _files_list(self, request: Request, version: str, prefix: str) -> Response:
         size = self._page_size(request)
         after = _decode_token(request.query_params.get("pageToken"))
         rows = self.store.list_files(after, size + 1, time.time())
-        body: dict[str, Any] = {}
-        if rows[:size]:
-            body["files"] = [self._file_json(r, request, version, prefix) for r in rows[:size]]
-        if len(rows) > size:
-            last = rows[size - 1]
-            body["nextPageToken"] = _encode_token(last.create_time, last.id)
-        return JSONResponse(body)
+        return _page(rows, size, "files", lambda r: self._file_json(r, request, version, prefix))
 
     async def _files_delete(self, request: Request, version: str, prefix: str, id: str) -> Response:
-        if self.store.get_file(id, time.time()) is None:
-            raise file_permission_denied(id)
+        self._file(id)
         self.store.delete_file(id)
         self.store.incr("files_deleted")
         return JSONResponse({})
@@ -467,9 +472,7 @@ class Emulator:
     async def _files_download(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_file(id, time.time())
-        if row is None:
-            raise file_permission_denied(id)
+        row = self._file(id)
         path = self.store.blob_path(id)
         self.store.incr("downloads")
         media_type = "application/octet-stream"
@@ -505,9 +508,7 @@ class Emulator:
             raise model_not_found(model, version, "batchGenerateContent")
 
     async def _batches_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         if row.source_kind == "inline" and (
             row.final_state is not None or row.generated_successes is not None
         ):
@@ -526,23 +527,17 @@ class Emulator:
         after = _decode_token(request.query_params.get("pageToken"))
         rows = self.store.list_batches(after, size + 1)
         now = time.time()
-        body: dict[str, Any] = {}
-        if rows[:size]:
-            body["operations"] = [
-                self.engine.operation(r, now, with_output=r.source_kind == "file")
-                for r in rows[:size]
-            ]
-        if len(rows) > size:
-            last = rows[size - 1]
-            body["nextPageToken"] = _encode_token(last.create_time, last.id)
-        return JSONResponse(body)
+        return _page(
+            rows,
+            size,
+            "operations",
+            lambda r: self.engine.operation(r, now, with_output=r.source_kind == "file"),
+        )
 
     async def _batches_cancel(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         self.engine.cancel(row)
         self.store.incr("batches_cancelled")
         return JSONResponse({})
@@ -550,9 +545,7 @@ class Emulator:
     async def _batches_delete(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         was_active = self.engine.view(row, time.time()).state not in TERMINAL
         self.engine.delete(row)
         self.store.incr("batches_deleted")
@@ -704,6 +697,20 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
         handle.seek(offset)
         handle.write(data)
         handle.truncate()
+
+
+def _page(
+    rows: list[_Row], size: int, field: str, render: Callable[[_Row], dict[str, Any]]
+) -> JSONResponse:
+    """A list call's answer: the first `size` of `rows` (read with one more, to know
+    whether there is a next page) under `field`, then the next page's token if any."""
+    body: dict[str, Any] = {}
+    if rows[:size]:
+        body[field] = [render(r) for r in rows[:size]]
+    if len(rows) > size:
+        last = rows[size - 1]
+        body["nextPageToken"] = _encode_token(last.create_time, last.id)
+    return JSONResponse(body)
 
 
 def _encode_token(create_time: float, item_id: str) -> str:

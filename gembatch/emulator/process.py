@@ -8,7 +8,6 @@ introspection calls (`stats`, `set_config`, `reset`).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -23,7 +22,10 @@ from gembatch.emulator.server import READY_PREFIX
 DEFAULT_TEST_KEY = "emulator-test-key"
 
 
-class EmulatorProcess:
+class EmulatorProcess(processes.ServerProcess):
+    what = "emulator"
+    ready_prefix = READY_PREFIX
+
     def __init__(
         self,
         state_dir: str | Path | None = None,
@@ -42,34 +44,20 @@ class EmulatorProcess:
         self.config_path = self.state_dir / "test-config.json"
         self.config_path.write_text(json.dumps(dict(config or {})))
         self.host = host
-        self.port = port
-        self.env = dict(env or {})
-        self.log_path = Path(log_path) if log_path else self.state_dir / "emulator.log"
         self.api_key = DEFAULT_TEST_KEY
-        self.proc: subprocess.Popen[str] | None = None
+        log = Path(log_path) if log_path else self.state_dir / "emulator.log"
+        super().__init__(log, port, env)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> EmulatorProcess:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "gembatch", "emulator",
             "--host", self.host, "--port", str(self.port),
             "--state-dir", str(self.state_dir), "--config", str(self.config_path),
         ]  # fmt: skip
-        self.proc, url = processes.start_announced(
-            cmd, READY_PREFIX, self.log_path, what="emulator", env=self.env, timeout=timeout
-        )
-        self.port = processes.port_of(url)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        processes.stop(self.proc, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        processes.kill(self.proc)
 
     def restart(self) -> EmulatorProcess:
         """Stop (if running) and start again on the same port with the same state."""
@@ -80,9 +68,6 @@ class EmulatorProcess:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self) -> EmulatorProcess:
-        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -7,7 +7,6 @@ on the same database; this wraps that, like `EmulatorProcess` does for the emula
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,12 @@ from gembatch import processes
 from gembatch.server.run import READY_PREFIX
 
 
-class ServiceProcess:
+class ServiceProcess(processes.ServerProcess):
+    what = "gembatch serve"
+    ready_prefix = READY_PREFIX
+    start_timeout = 60.0
+    stop_timeout = 15.0
+
     def __init__(
         self,
         workdir: str | Path,
@@ -34,12 +38,9 @@ class ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "data"
         self.db_url = db_url or f"sqlite:///{self.workdir / 'gembatch.db'}"
-        self.env = dict(env or {})
         self.args = list(args)
-        self.port = port
         self.token = token
-        self.log_path = self.workdir / "serve.log"
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__(self.workdir / "serve.log", port, env, cwd=self.workdir)
 
     @property
     def base_url(self) -> str:
@@ -52,35 +53,11 @@ class ServiceProcess:
     def client(self, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers=self.headers(token), timeout=timeout)
 
-    def start(self, timeout: float = 60.0) -> ServiceProcess:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "gembatch", "serve", "--port", str(self.port),
             "--db", self.db_url, "--data-dir", str(self.data_dir), *self.args,
         ]  # fmt: skip
-        self.proc, url = processes.start_announced(
-            cmd,
-            READY_PREFIX,
-            self.log_path,
-            what="gembatch serve",
-            env=self.env,
-            cwd=self.workdir,
-            timeout=timeout,
-        )
-        self.port = processes.port_of(url)
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        processes.stop(self.proc, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no flush."""
-        processes.kill(self.proc)
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def wait_status(
         self, job_id: str, statuses: Sequence[str], timeout: float = 60.0, token: str | None = None
@@ -89,7 +66,7 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         with self.client(token) as client:
             while True:
-                body = client.get(f"/api/job/{job_id}/status").json()
+                body: dict[str, Any] = client.get(f"/api/job/{job_id}/status").json()
                 if body.get("status") in statuses:
                     return body
                 if time.monotonic() > deadline:
