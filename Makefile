@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Most tests wait on real processes (emulator, gembatch); four at a time fit 2 cores.
 PYTEST_ARGS ?= -n 4 --durations=15
 
-.PHONY: test demo docs lint format bench clean
+.PHONY: test demo docs lint typecheck format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -29,6 +30,11 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) typecheck
+
+# mypy, strict on gembatch/ (settings in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

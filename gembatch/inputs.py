@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from json.scanner import make_scanner
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from gembatch import fsutil
 from gembatch.errors import UserError
@@ -341,8 +341,16 @@ def estimate_tokens(line: bytes) -> int:
 Chunk = tuple[bytes | None, int, int, int]
 
 
+class Readable(Protocol):
+    """What iter_line_chunks needs of a file: a binary file, or a wrapper of one."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
 def iter_line_chunks(
-    handle: BinaryIO,
+    handle: Readable,
     start: int = 0,
     end: int | None = None,
     *,
@@ -519,7 +527,8 @@ class _Scan:
         # json.loads' own C scanner without the wrapper; one per scan, as it keeps a memo.
         # Strict: NaN and Infinity are not JSON (Gemini refuses them).
         self.decoder = json.JSONDecoder(parse_constant=_not_json_number)
-        self.scan_json = make_scanner(self.decoder)
+        # typeshed wants a make_scanner here; any object with a decoder's attributes will do.
+        self.scan_json = make_scanner(self.decoder)  # type: ignore[arg-type]
 
     def problem(self, line: int | None, message: str) -> None:
         if len(self.problems) < self.max_problems:
@@ -558,7 +567,7 @@ class _Scan:
         for line, length in pairs:
             lineno += 1
             size = length + newline
-            if type(line) is not str:
+            if not isinstance(line, str):
                 self.problem(lineno, line.message)
                 record = _INVALID
             elif not line.strip(_JSON_SPACE):  # blank: skipped, but still part of a task

@@ -32,6 +32,7 @@ import typer
 from gembatch.cli.app import Typer, app
 from gembatch.errors import UserError
 from gembatch.fsutil import fsync_dir
+from gembatch.units import format_size
 
 if TYPE_CHECKING:
     from gembatch.ledger.sql import SqlLedger
@@ -108,7 +109,7 @@ def backup(
         ) from None
     info = describe(path)
     typer.echo(
-        f"wrote {path} ({_size(path.stat().st_size)}): {info.jobs} jobs, "
+        f"wrote {path} ({format_size(path.stat().st_size)}): {info.jobs} jobs, "
         f"schema version {info.schema_version}, restore generation {info.generation}"
     )
 
@@ -577,15 +578,6 @@ def _fsync_file(path: Path) -> None:
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} bytes"
 
 
 def _reason(exc: BaseException) -> str:

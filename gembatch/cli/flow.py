@@ -19,6 +19,7 @@ from gembatch.engine.engine import CycleReport, Engine, EngineSettings, StartOut
 from gembatch.errors import UserError
 from gembatch.inputs import SplitLimits, ValidatedInput, validate_files
 from gembatch.jobs import Job, JobStatus, RetryConfig
+from gembatch.units import format_size
 
 
 @dataclass
@@ -73,12 +74,12 @@ def print_dry_run(inputs: list[ValidatedInput], out: TextIO, model_line: str | N
         tasks = len(item.tasks)
         print(
             f"[{i}/{len(inputs)}] {item.display}: {item.count:,} requests, "
-            f"{_size(item.size_bytes)}, {tasks} task{'s' if tasks != 1 else ''}, "
+            f"{format_size(item.size_bytes)}, {tasks} task{'s' if tasks != 1 else ''}, "
             f"~{item.estimated_tokens:,} tokens",
             file=out,
         )
     print(
-        f"dry run: {len(inputs)} file(s), {total_requests:,} requests, {_size(total_bytes)} "
+        f"dry run: {len(inputs)} file(s), {total_requests:,} requests, {format_size(total_bytes)} "
         "would be submitted; nothing was uploaded",
         file=out,
     )
@@ -412,12 +413,3 @@ def exclusive_poll_lock(job_info: Path) -> Any:
             "let it finish or stop it, then run this again"
         ) from None
     return lock
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"

@@ -18,9 +18,9 @@ import os
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -35,7 +35,7 @@ from gembatch.emulator.config import ConfigError, EmulatorConfig
 from gembatch.emulator.faults import FaultInjector, Truncation
 from gembatch.emulator.models import is_known, model_not_found, model_resource, supports_batch
 from gembatch.emulator.responders import Responder, make_responder
-from gembatch.emulator.store import FileRow, Store, UploadRow
+from gembatch.emulator.store import BatchRow, FileRow, Store, UploadRow
 from gembatch.emulator.wire import (
     ApiError,
     file_permission_denied,
@@ -72,6 +72,9 @@ _ROUTES: list[tuple[str, str | None, re.Pattern[str], str]] = [
     ("GET", None, re.compile(r"^models$"), "models.list"),
     ("GET", None, re.compile(r"^(?P<model>(?:models|tunedModels)/[^/:]+)$"), "models.get"),
 ]
+_Row = TypeVar("_Row", FileRow, BatchRow)
+# An endpoint's method: (request, version, prefix, **path parameters) -> response.
+_Handler = Callable[..., Awaitable[Response]]
 # Starlette's Route for GET also answers HEAD; other methods get its 405.
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"})
 _UNREGISTERED = (
@@ -209,7 +212,7 @@ class Emulator:
             if not is_chunk:
                 self._authorize(request)
             decision = self.faults.decide(endpoint)
-            handler = getattr(self, "_" + endpoint.replace(".", "_"))
+            handler: _Handler = getattr(self, "_" + endpoint.replace(".", "_"))
 
             async def call() -> Response:
                 if decision.latency_seconds:
@@ -281,7 +284,7 @@ class Emulator:
         if size_text is None:
             size_text = get_field(meta, "sizeBytes")
         try:
-            total = int(size_text)  # type: ignore[arg-type]
+            total = int(size_text)
         except (TypeError, ValueError):
             raise invalid_argument(
                 "X-Goog-Upload-Header-Content-Length must give the file size in bytes."
@@ -415,7 +418,9 @@ class Emulator:
         self.store.incr("upload_bytes", upload.total_bytes)
         return row
 
-    def _file_json(self, row: FileRow, request: Request, version: str, prefix: str) -> dict:
+    def _file_json(
+        self, row: FileRow, request: Request, version: str, prefix: str
+    ) -> dict[str, Any]:
         base = _base_url(request, prefix)
         body: dict[str, Any] = {"name": f"files/{row.id}"}
         if row.display_name is not None:
@@ -435,27 +440,31 @@ class Emulator:
         body["source"] = row.source
         return body
 
-    async def _files_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
+    def _file(self, id: str) -> FileRow:
+        """The file, unexpired; else the 403 Google answers for a file that "may not exist"."""
         row = self.store.get_file(id, time.time())
         if row is None:
             raise file_permission_denied(id)
+        return row
+
+    def _batch(self, id: str) -> BatchRow:
+        row = self.store.get_batch(id)
+        if row is None:
+            raise not_found()
+        return row
+
+    async def _files_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
+        row = self._file(id)
         return JSONResponse(self._file_json(row, request, version, prefix))
 
     async def _files_list(self, request: Request, version: str, prefix: str) -> Response:
         size = self._page_size(request)
         after = _decode_token(request.query_params.get("pageToken"))
         rows = self.store.list_files(after, size + 1, time.time())
-        body: dict[str, Any] = {}
-        if rows[:size]:
-            body["files"] = [self._file_json(r, request, version, prefix) for r in rows[:size]]
-        if len(rows) > size:
-            last = rows[size - 1]
-            body["nextPageToken"] = _encode_token(last.create_time, last.id)
-        return JSONResponse(body)
+        return _page(rows, size, "files", lambda r: self._file_json(r, request, version, prefix))
 
     async def _files_delete(self, request: Request, version: str, prefix: str, id: str) -> Response:
-        if self.store.get_file(id, time.time()) is None:
-            raise file_permission_denied(id)
+        self._file(id)
         self.store.delete_file(id)
         self.store.incr("files_deleted")
         return JSONResponse({})
@@ -463,9 +472,7 @@ class Emulator:
     async def _files_download(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_file(id, time.time())
-        if row is None:
-            raise file_permission_denied(id)
+        row = self._file(id)
         path = self.store.blob_path(id)
         self.store.incr("downloads")
         media_type = "application/octet-stream"
@@ -501,9 +508,7 @@ class Emulator:
             raise model_not_found(model, version, "batchGenerateContent")
 
     async def _batches_get(self, request: Request, version: str, prefix: str, id: str) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         if row.source_kind == "inline" and (
             row.final_state is not None or row.generated_successes is not None
         ):
@@ -522,23 +527,17 @@ class Emulator:
         after = _decode_token(request.query_params.get("pageToken"))
         rows = self.store.list_batches(after, size + 1)
         now = time.time()
-        body: dict[str, Any] = {}
-        if rows[:size]:
-            body["operations"] = [
-                self.engine.operation(r, now, with_output=r.source_kind == "file")
-                for r in rows[:size]
-            ]
-        if len(rows) > size:
-            last = rows[size - 1]
-            body["nextPageToken"] = _encode_token(last.create_time, last.id)
-        return JSONResponse(body)
+        return _page(
+            rows,
+            size,
+            "operations",
+            lambda r: self.engine.operation(r, now, with_output=r.source_kind == "file"),
+        )
 
     async def _batches_cancel(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         self.engine.cancel(row)
         self.store.incr("batches_cancelled")
         return JSONResponse({})
@@ -546,9 +545,7 @@ class Emulator:
     async def _batches_delete(
         self, request: Request, version: str, prefix: str, id: str
     ) -> Response:
-        row = self.store.get_batch(id)
-        if row is None:
-            raise not_found()
+        row = self._batch(id)
         was_active = self.engine.view(row, time.time()).state not in TERMINAL
         self.engine.delete(row)
         self.store.incr("batches_deleted")
@@ -641,6 +638,7 @@ class _TruncatedResponse(Response):
 
     def __init__(self, path: Path, size: int, cut: Truncation, media_type: str) -> None:
         super().__init__(media_type=media_type)
+        self.mime = media_type
         self.path = path
         self.size = size
         self.cut = cut
@@ -658,7 +656,7 @@ class _TruncatedResponse(Response):
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", self.media_type.encode()),
+                    (b"content-type", self.mime.encode()),
                     (b"content-length", str(length).encode()),
                 ],
             }
@@ -699,6 +697,20 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
         handle.seek(offset)
         handle.write(data)
         handle.truncate()
+
+
+def _page(
+    rows: list[_Row], size: int, field: str, render: Callable[[_Row], dict[str, Any]]
+) -> JSONResponse:
+    """A list call's answer: the first `size` of `rows` (read with one more, to know
+    whether there is a next page) under `field`, then the next page's token if any."""
+    body: dict[str, Any] = {}
+    if rows[:size]:
+        body[field] = [render(r) for r in rows[:size]]
+    if len(rows) > size:
+        last = rows[size - 1]
+        body["nextPageToken"] = _encode_token(last.create_time, last.id)
+    return JSONResponse(body)
 
 
 def _encode_token(create_time: float, item_id: str) -> str:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gembatch.emulator.directives import fail_first
 from gembatch.emulator.faults import FaultInjector
-from gembatch.emulator.responders import Reply, Responder, fail_first
+from gembatch.emulator.responders import Reply, Responder
 from gembatch.emulator.store import BatchRow, FileRow, Store
 from gembatch.emulator.wire import (
     file_permission_denied,
@@ -67,35 +68,21 @@ class ParsedInput:
     forced: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """The live knobs the lifecycle reads (replaced when the config changes at runtime)."""
 
-    def __init__(
-        self,
-        *,
-        pending_s: float,
-        running_s: float,
-        expire_s: float,
-        file_ttl_s: float,
-        shuffle: bool,
-        seed: int,
-        max_active: int,
-        max_enqueued_tokens: int | None,
-        max_inline_bytes: int,
-        actual_progress: bool,
-        concurrency: int,
-    ) -> None:
-        self.pending_s = pending_s
-        self.running_s = running_s
-        self.expire_s = expire_s
-        self.file_ttl_s = file_ttl_s
-        self.shuffle = shuffle
-        self.seed = seed
-        self.max_active = max_active
-        self.max_enqueued_tokens = max_enqueued_tokens
-        self.max_inline_bytes = max_inline_bytes
-        self.actual_progress = actual_progress
-        self.concurrency = concurrency
+    pending_s: float
+    running_s: float
+    expire_s: float
+    file_ttl_s: float
+    shuffle: bool
+    seed: int
+    max_active: int
+    max_enqueued_tokens: int | None
+    max_inline_bytes: int
+    actual_progress: bool
+    concurrency: int
 
 
 class BatchEngine:
@@ -411,41 +398,47 @@ class BatchEngine:
 
     def _order(self, row: BatchRow) -> list[int]:
         """The processing (and output) order of the inputs: a seeded shuffle."""
-        key = (row.id, row.request_count)
-        with self._lock:
-            order = self._orders.get(key)
-            if order is not None:
-                self._orders.move_to_end(key)
-                return order
-        order = list(range(row.request_count))
-        if self._settings().shuffle:
-            random.Random(f"{self._settings().seed}:{row.id}").shuffle(order)
-        with self._lock:
-            self._orders[key] = order
-            while len(self._orders) > 64:
-                self._orders.popitem(last=False)
-        return order
+
+        def shuffled() -> list[int]:
+            order = list(range(row.request_count))
+            if self._settings().shuffle:
+                random.Random(f"{self._settings().seed}:{row.id}").shuffle(order)
+            return order
+
+        return self._cached(self._orders, 64, (row.id, row.request_count), shuffled)
 
     def _failing_positions(self, row: BatchRow) -> list[int]:
         """Output positions of the error lines, sorted (cached: polls ask all the time)."""
-        key = (row.id, row.request_count)
+
+        def positions() -> list[int]:
+            failing = row.failing_indices()
+            if not failing:
+                return []
+            position = {index: pos for pos, index in enumerate(self._order(row))}
+            return sorted(position[i] for i in failing)
+
+        return self._cached(self._failing, 100_000, (row.id, row.request_count), positions)
+
+    def _cached(
+        self,
+        cache: OrderedDict[tuple[str, int], list[int]],
+        size: int,
+        key: tuple[str, int],
+        compute: Callable[[], list[int]],
+    ) -> list[int]:
+        """`cache[key]`, computed outside the lock on a miss; the `size` most recently used
+        entries are kept."""
         with self._lock:
-            cached = self._failing.get(key)
-            if cached is not None:
-                self._failing.move_to_end(key)
-                return cached
-        failing = row.failing_indices()
-        if failing:
-            order = self._order(row)
-            position = {index: pos for pos, index in enumerate(order)}
-            positions = sorted(position[i] for i in failing)
-        else:
-            positions = []
+            value = cache.get(key)
+            if value is not None:
+                cache.move_to_end(key)
+                return value
+        value = compute()
         with self._lock:
-            self._failing[key] = positions
-            while len(self._failing) > 100_000:
-                self._failing.popitem(last=False)
-        return positions
+            cache[key] = value
+            while len(cache) > size:
+                cache.popitem(last=False)
+        return value
 
     # -- cancel / delete ---------------------------------------------------------------
     def cancel(self, row: BatchRow) -> None:

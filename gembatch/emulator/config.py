@@ -15,7 +15,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    _Config = TypeVar("_Config", bound=DataclassInstance)
 
 # Endpoint names used by fault rules and the introspection counters.
 ENDPOINTS = (
@@ -211,7 +216,7 @@ def load_config(path: str | Path | None) -> EmulatorConfig:
     return from_mapping(data, str(path))
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def _build(cls: type[_Config], data: Any, where: str) -> _Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table/object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -239,7 +244,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
         return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):

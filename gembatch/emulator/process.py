@@ -8,25 +8,24 @@ introspection calls (`stats`, `set_config`, `reset`).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gembatch import processes
 from gembatch.emulator.server import READY_PREFIX
 
 DEFAULT_TEST_KEY = "emulator-test-key"
 
 
-class EmulatorProcess:
+class EmulatorProcess(processes.ServerProcess):
+    what = "emulator"
+    ready_prefix = READY_PREFIX
+
     def __init__(
         self,
         state_dir: str | Path | None = None,
@@ -45,63 +44,20 @@ class EmulatorProcess:
         self.config_path = self.state_dir / "test-config.json"
         self.config_path.write_text(json.dumps(dict(config or {})))
         self.host = host
-        self.port = port
-        self.env = dict(env or {})
-        self.log_path = Path(log_path) if log_path else self.state_dir / "emulator.log"
         self.api_key = DEFAULT_TEST_KEY
-        self.proc: subprocess.Popen[str] | None = None
-        self._log_thread: threading.Thread | None = None
+        log = Path(log_path) if log_path else self.state_dir / "emulator.log"
+        super().__init__(log, port, env)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> EmulatorProcess:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "gembatch", "emulator",
             "--host", self.host, "--port", str(self.port),
             "--state-dir", str(self.state_dir), "--config", str(self.config_path),
         ]  # fmt: skip
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        deadline = time.monotonic() + timeout
-        log = open(self.log_path, "a")  # noqa: SIM115 - closed by the reader thread
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                log.close()
-                raise RuntimeError(f"emulator exited before it was ready; see {self.log_path}")
-            log.write(line)
-            log.flush()
-            if line.startswith(READY_PREFIX):
-                url = line[len(READY_PREFIX) :].split()[0]
-                self.port = int(url.rsplit(":", 1)[1])
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"emulator not ready after {timeout} s; see {self.log_path}")
-        self._log_thread = threading.Thread(
-            target=_drain, args=(self.proc.stdout, log), daemon=True
-        )
-        self._log_thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
     def restart(self) -> EmulatorProcess:
         """Stop (if running) and start again on the same port with the same state."""
@@ -113,20 +69,19 @@ class EmulatorProcess:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def __enter__(self) -> EmulatorProcess:
-        return self.start()
-
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()
+        stats: dict[str, Any] = httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()
+        return stats
 
     def set_config(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         response = httpx.post(f"{self.base_url}/_emulator/config", json=dict(overrides), timeout=10)
         response.raise_for_status()
-        return response.json()
+        config: dict[str, Any] = response.json()
+        return config
 
     def reset(self) -> None:
         httpx.post(f"{self.base_url}/_emulator/reset", timeout=30).raise_for_status()
@@ -143,12 +98,3 @@ class EmulatorProcess:
             api_key=self.api_key,
             http_options=types.HttpOptions(base_url=self.base_url, api_version=api_version),
         )
-
-
-def _drain(stream: Any, log: Any) -> None:
-    try:
-        for line in stream:
-            log.write(line)
-            log.flush()
-    finally:
-        log.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import uvicorn
 
 from gembatch.emulator.app import Emulator
 from gembatch.emulator.config import EmulatorConfig
+from gembatch.processes import bind, http_url, serve_announced
 
 READY_PREFIX = "gembatch emulator listening on "
 
@@ -23,21 +23,6 @@ READY_PREFIX = "gembatch emulator listening on "
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(base) / "gembatch" / "emulator"
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # Named as TCP (not protocol 0): asyncio sets TCP_NODELAY only on connections whose
-    # socket says IPPROTO_TCP. Without it, Nagle holds back the body of every answer on a
-    # kept-alive connection (uvicorn writes headers and body separately) until the
-    # client's delayed ACK, 40 ms later: each call took 40 ms more than it should.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited on Linux
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def _uvicorn_config(emulator: Emulator, host: str, port: int) -> uvicorn.Config:
@@ -55,23 +40,13 @@ def _uvicorn_config(emulator: Emulator, host: str, port: int) -> uvicorn.Config:
 
 def serve(host: str, port: int, state_dir: Path, config: EmulatorConfig) -> None:
     """Serve until interrupted; print the ready line once the socket is listening."""
-    sock = _bind(host, port)
+    sock = bind(host, port)
     actual_port = sock.getsockname()[1]
     emulator = Emulator(state_dir, config)
     server = uvicorn.Server(_uvicorn_config(emulator, host, actual_port))
-    url_host = f"[{host}]" if ":" in host else host
-
-    async def run() -> None:
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            print(f"{READY_PREFIX}http://{url_host}:{actual_port} (state: {state_dir})", flush=True)
-        await serving
-
-    # uvicorn's "auto" loop: uvloop when it is installed, else asyncio's own.
-    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-        runner.run(run())
+    serve_announced(
+        server, sock, f"{READY_PREFIX}{http_url(host, actual_port)} (state: {state_dir})"
+    )
 
 
 class EmulatorThread:
@@ -83,11 +58,10 @@ class EmulatorThread:
         self.state_dir = state_dir
         self.config = config or EmulatorConfig()
         self.host = host
-        self._sock = _bind(host, 0)
+        self._sock = bind(host, 0)
         self.port = self._sock.getsockname()[1]
         self.emulator = Emulator(state_dir, self.config)
         self._server = uvicorn.Server(_uvicorn_config(self.emulator, host, self.port))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name="gembatch-emulator", daemon=True)
         self._error: BaseException | None = None
 

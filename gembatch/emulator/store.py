@@ -132,7 +132,8 @@ class BatchRow:
         return sorted(set(json.loads(self.failing)) | set(self.forced_indices()))
 
     def forced_indices(self) -> list[int]:
-        return json.loads(self.forced)
+        indices: list[int] = json.loads(self.forced)
+        return indices
 
 
 def _columns(cls: type) -> list[str]:
@@ -245,14 +246,18 @@ class Store:
             self.flush_counts()
             return {r["name"]: r["value"] for r in self._db.execute("SELECT * FROM counters")}
 
+    def _insert(self, table: str, row: FileRow | UploadRow | BatchRow) -> None:
+        """One row, every column (the caller holds the lock)."""
+        cols = _columns(type(row))
+        self._db.execute(
+            f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [getattr(row, c) for c in cols],
+        )
+
     # -- files -------------------------------------------------------------------------
     def insert_file(self, row: FileRow) -> None:
-        cols = _columns(FileRow)
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO files({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [getattr(row, c) for c in cols],
-            )
+            self._insert("files", row)
 
     def get_file(self, file_id: str, now: float | None = None) -> FileRow | None:
         with self._lock:
@@ -300,12 +305,8 @@ class Store:
 
     # -- uploads -----------------------------------------------------------------------
     def insert_upload(self, row: UploadRow) -> None:
-        cols = _columns(UploadRow)
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO uploads({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [getattr(row, c) for c in cols],
-            )
+            self._insert("uploads", row)
 
     def get_upload(self, upload_id: str) -> UploadRow | None:
         with self._lock:
@@ -330,12 +331,8 @@ class Store:
 
     # -- batches -----------------------------------------------------------------------
     def insert_batch(self, row: BatchRow) -> None:
-        cols = _columns(BatchRow)
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO batches({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [getattr(row, c) for c in cols],
-            )
+            self._insert("batches", row)
             if row.final_state is None:
                 self._unfinished[row.id] = replace(row)  # the caller keeps its own copy
 

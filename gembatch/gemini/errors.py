@@ -104,7 +104,7 @@ def classify(exc: BaseException) -> Classified:
     if isinstance(exc, ConnectionError):  # reset, aborted, broken pipe: maybe sent
         return Classified(ErrorClass.NETWORK, type(exc).__name__, _message(exc), definitive=False)
     if isinstance(exc, OSError):
-        if exc.errno in _LOCAL_IO_ERRNOS:
+        if exc.errno is not None and exc.errno in _LOCAL_IO_ERRNOS:
             code = errno.errorcode.get(exc.errno, "OSError")
             return Classified(ErrorClass.LOCAL_IO, code, _message(exc))
         if type(exc).__name__ == "gaierror":  # DNS: nothing was sent
@@ -327,7 +327,8 @@ def _retry_info_delay(body: Any) -> float | None:
             return max(0.0, float(delay))
         if isinstance(delay, dict):  # {"seconds": 3, "nanos": 0}
             try:
-                return max(0.0, float(delay.get("seconds", 0)) + delay.get("nanos", 0) / 1e9)
+                nanos = float(delay.get("nanos", 0) / 1e9)
+                return max(0.0, float(delay.get("seconds", 0)) + nanos)
             except (TypeError, ValueError):
                 return None
         match = _DURATION.match(delay) if isinstance(delay, str) else None

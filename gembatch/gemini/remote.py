@@ -158,7 +158,7 @@ class Remote:
     ) -> str:
         """Upload `size` bytes of `source` from its current position; returns "files/<id>"."""
         window = _Window(source, size)
-        config = {"mime_type": mime_type, "display_name": display_name}
+        config: types.UploadFileConfigDict = {"mime_type": mime_type, "display_name": display_name}
         uploaded = await self._call(
             "files.upload", lambda: self._client.aio.files.upload(file=window, config=config)
         )
@@ -227,8 +227,8 @@ class Remote:
                 async for chunk in response.aiter_bytes():  # decoded, as they arrive
                     destination.write(chunk)
                     written += len(chunk)
-                    due = fd is not None and written - synced >= WRITE_BEHIND
-                    if due and (syncing is None or syncing.done()):
+                    due = written - synced >= WRITE_BEHIND
+                    if fd is not None and due and (syncing is None or syncing.done()):
                         if syncing is not None:
                             syncing.result()  # a failed flush fails the download
                         destination.flush()
@@ -247,7 +247,7 @@ class Remote:
         """models.get: the model's resource, or the SDK's ClientError (404 for a model the
         API does not serve). `timeout` (seconds) overrides the Remote's for this call.
         Errors pass through unretried, like every call here."""
-        config: dict[str, Any] = {}
+        config: types.GetModelConfigDict = {}
         if timeout is not None:
             config["http_options"] = {"timeout": max(1, round(timeout * 1000))}
         return await self._call(
@@ -258,7 +258,7 @@ class Remote:
     async def create_batch(self, model: str, file_name: str, display_name: str) -> RemoteBatch:
         """batches.create from an uploaded file. Not idempotent: on an error that is not
         definitive, reconcile with `find_batches` before creating again."""
-        config = {"display_name": display_name}
+        config: types.CreateBatchJobConfigDict = {"display_name": display_name}
         job, raw = await self._call_capturing(
             "batches.create",
             lambda: self._client.aio.batches.create(model=model, src=file_name, config=config),
@@ -379,7 +379,9 @@ async def _capture_operation(response: httpx2.Response) -> None:
 
 def _remote_batch(job: types.BatchJob, raw: dict[str, Any] | None) -> RemoteBatch:
     raw = raw or {}
-    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    metadata = raw.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
     error = raw.get("error")
     config = metadata.get("inputConfig") or metadata.get("input_config")
     input_file = None

@@ -36,6 +36,7 @@ from typing import Any
 
 from sse_starlette.event import ServerSentEvent
 
+from gembatch.aio import wait_any
 from gembatch.gemini.errors import scrub
 from gembatch.jobs import Job
 from gembatch.server.events import ERROR, STATUS, TERMINAL_EVENTS
@@ -228,7 +229,7 @@ class EventHub:
                     self._publish_deleted(job_id)
             if len(events) < PAGE:
                 wait = min(self.interval, max(0.0, next_check - time.monotonic()))
-                await _wait_any(stop, self._wakeup, wait)
+                await wait_any(stop, self._wakeup, timeout=wait)
 
     # -- PostgreSQL: LISTEN, read per job by seq, re-query as a safety net -------------------
     async def _run_per_job(self, stop: asyncio.Event) -> None:
@@ -269,7 +270,7 @@ class EventHub:
         twice at once, so an event is published once, in seq order."""
         next_requery = time.monotonic() + self.requery_interval
         while not stop.is_set():
-            await _wait_any(stop, self._wakeup, max(0.0, next_requery - time.monotonic()))
+            await wait_any(stop, self._wakeup, timeout=max(0.0, next_requery - time.monotonic()))
             self._wakeup.clear()
             check: set[str] = set()
             if self._check_all or time.monotonic() >= next_requery:
@@ -387,7 +388,7 @@ class EventHub:
                 )
                 self.listening = False
                 self.requery()
-                await _wait_any(stop, None, delay)
+                await wait_any(stop, timeout=delay)
             finally:
                 self.listening = False
                 if conn is not None:
@@ -507,17 +508,3 @@ def _conninfo(url: Any) -> str:
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
-    """Until `stop` or `wake` is set, or `timeout` seconds pass."""
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter

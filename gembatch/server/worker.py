@@ -11,11 +11,11 @@ other job's polling, downloads and new submissions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
+from gembatch.aio import wait_any
 from gembatch.engine.engine import CycleReport, Engine
 
 _log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ServiceWorker:
                     delay = min(self.poll_interval, 0.5 * 2 ** min(failures, 6))
                 self.cycles += 1
                 self.last_cycle_at = time.time()
-                await _wait_any(stop, self._wake, delay)
+                await wait_any(stop, self._wake, timeout=delay)
         finally:
             self.running = False
             if beats is not None:
@@ -86,7 +86,7 @@ class ServiceWorker:
                 await self.engine.heartbeat()
             except Exception:  # the next beat tries again; the lease has slack for it
                 _log.exception("renewing leases failed")
-            await _wait_any(stop, asyncio.Event(), period)
+            await wait_any(stop, timeout=period)
 
     def _start_round(self) -> None:
         """Upload and create what the limits allow, in the background."""
@@ -117,14 +117,3 @@ class ServiceWorker:
             "last_cycle_at": self.last_cycle_at,
             "last_error": self.last_error,
         }
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
